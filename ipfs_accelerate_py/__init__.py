@@ -1,0 +1,1 @@
+"""ipfs_accelerate_py namespace: dsi provides ``ipfs_accelerate_py.datasets_integration``."""
