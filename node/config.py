@@ -175,7 +175,9 @@ def build_config(config: Mapping[str, Any] | NodeConfig | None = None, **kwargs:
             try:
                 values[key] = float(value)
             except (TypeError, ValueError):
-                raise ConfigError(f"kubo_timeout must be a number of seconds, got {value!r}") from None
+                raise ConfigError(
+                    f"kubo_timeout must be a number of seconds, got {value!r}"
+                ) from None
             if values[key] <= 0:
                 raise ConfigError("kubo_timeout must be positive")
         elif key == "ipfs_api":

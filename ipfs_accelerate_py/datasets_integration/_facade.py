@@ -29,7 +29,7 @@ class Facade:
             self._released = True
             release_services(self._services)
 
-    def __enter__(self):  # noqa: ANN204 - returns the concrete subclass
+    def __enter__(self) -> Facade:
         return self
 
     def __exit__(self, *exc: object) -> None:

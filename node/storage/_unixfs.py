@@ -1,0 +1,578 @@
+"""UnixFS import (files and folders -> blocks, Kubo-identical CIDs) and export (blocks -> files).
+
+Import matches ``ipfs add`` with Kubo's defaults: fixed 262,144-byte chunks, balanced layout
+with at most 174 links per node, CIDv0 with dag-pb UnixFS leaves by default, and for
+``cid_version=1`` raw leaves and CIDv1 (``--cid-version=1`` implies ``--raw-leaves``).
+Folders are UnixFS directories whose links are sorted by name bytes (no HAMT sharding: Kubo
+switches to HAMT only for directories whose links exceed ~256 KiB, i.e. thousands of entries).
+Hidden files are included and symlinks are followed (``ipfs add -r --hidden
+--dereference-symlinks``); a symlink loop or a special file is an error.
+
+Streaming with bounded memory: a file is read with ``readinto`` into a fixed ring of chunk
+buffers; hashing and block writes run in a small thread pool (hashlib releases the GIL for
+large buffers) while the next chunks are read, so memory is ``in_flight * 256 KiB`` whatever the
+file size. Tree nodes are built as soon as 174 siblings exist, so only one partial node per
+level is ever held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from node.errors import (
+    CorruptBlockError,
+    InvalidArgumentError,
+    PathNotFoundError,
+    StorageError,
+    UnsafePathError,
+)
+
+from . import _dagpb
+from ._cid import CID, CODECS, cid_from_binary
+from ._local import INLINE_MAX, LocalBlockStore
+
+CHUNK_SIZE = 262_144
+MAX_LINKS = 174
+# Index rows are committed in batches: one transaction and one fsync per shard directory per
+# batch. Bounded by count (file-backed rows are tiny) and by the inline bytes they carry.
+_COMMIT_ROWS = 1024
+_COMMIT_INLINE_BYTES = 8 << 20
+
+Row = tuple[bytes, int, int, "bytes | None"]
+
+
+@dataclass(frozen=True)
+class DagNode:
+    """A built node as its parent links to it."""
+
+    cid: CID
+    tsize: int  # cumulative size of the DAG (Tsize of the link to it)
+    filesize: int  # bytes of file content below it (0 for directories)
+
+
+def _read_full(f: BinaryIO, buf: bytearray) -> int:
+    """Fill ``buf`` unless EOF comes first (the chunker cuts at exact 256 KiB boundaries)."""
+    mv = memoryview(buf)
+    n = 0
+    while n < len(buf):
+        got = f.readinto(mv[n:])  # type: ignore[attr-defined]
+        if not got:
+            break
+        n += got
+    return n
+
+
+class Importer:
+    """Adds files and folders into a LocalBlockStore. One instance per add call."""
+
+    def __init__(
+        self,
+        store: LocalBlockStore,
+        pool: ThreadPoolExecutor,
+        *,
+        cid_version: int = 0,
+        in_flight: int = 8,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        if cid_version not in (0, 1):
+            raise InvalidArgumentError(f"cid_version must be 0 or 1, got {cid_version!r}")
+        self.store = store
+        self.pool = pool
+        self.version = cid_version
+        self.raw_leaves = cid_version == 1
+        self.in_flight = max(2, in_flight)
+        self.progress = progress
+        self._rows: list[Row] = []
+        self._inline_bytes = 0
+        self.new_blocks = 0
+        self.bytes_read = 0
+
+    # -- blocks -------------------------------------------------------------------------------
+    def _queue_row(self, row: Row | None) -> None:
+        if row is not None:
+            self._rows.append(row)
+            if row[3] is not None:
+                self._inline_bytes += len(row[3])
+        if len(self._rows) >= _COMMIT_ROWS or self._inline_bytes >= _COMMIT_INLINE_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit queued index rows (their files are already fsynced)."""
+        rows, self._rows, self._inline_bytes = self._rows, [], 0
+        self.store.index(rows, self.pool)
+
+    def _put_small(self, block: bytes, codec: str) -> CID:
+        digest = hashlib.sha256(block).digest()
+        if len(block) > INLINE_MAX:
+            if not self.store.has_digest(digest):
+                self.store.write_file(digest, (block,))
+                self._queue_row((digest, CODECS[codec], len(block), None))
+        else:
+            self._queue_row((digest, CODECS[codec], len(block), block))
+        version = self.version
+        return CID(version, codec, digest)
+
+    def _leaf_job(
+        self, buf: bytearray, n: int, fd: int | None, offset: int
+    ) -> tuple[bytes, int, Row | None]:
+        """(Read,) hash one chunk as a raw or UnixFS leaf, and write it if new. Runs in the pool.
+
+        With ``fd`` the worker reads its own chunk with pread, so reading, hashing and writing
+        all run in parallel; the main thread only assembles the tree.
+        """
+        mv = memoryview(buf)[:n]
+        if fd is not None:
+            got = 0
+            while got < n:
+                r = os.preadv(fd, [mv[got:]], offset + got)
+                if r == 0:
+                    raise InvalidArgumentError(
+                        f"the file shrank while it was being added (at byte {offset + got})"
+                    )
+                got += r
+        if self.raw_leaves:
+            pieces: tuple[bytes | memoryview, ...] = (mv,)
+            code = CODECS["raw"]
+        else:
+            head, tail = _dagpb.file_leaf_parts(n)
+            pieces = (head, mv, tail)
+            code = CODECS["dag-pb"]
+        h = hashlib.sha256()
+        for p in pieces:
+            h.update(p)
+        digest = h.digest()
+        size = sum(len(p) for p in pieces)
+        if size > INLINE_MAX:
+            if self.store.has_digest(digest):
+                return digest, size, None  # dedup: the block is already stored
+            self.store.write_file(digest, pieces)
+            return digest, size, (digest, code, size, None)
+        return digest, size, (digest, code, size, b"".join(bytes(p) for p in pieces))
+
+    # -- files --------------------------------------------------------------------------------
+    def add_stream(self, f: BinaryIO) -> DagNode:
+        """Import a stream read sequentially by this thread (pipes, BytesIO, ...)."""
+
+        def chunks(buf: bytearray) -> tuple[int, int | None, int]:
+            return _read_full(f, buf), None, 0
+
+        return self._add_chunks(chunks, None)
+
+    def add_fd(self, fd: int, size: int) -> DagNode:
+        """Import ``size`` bytes of a regular file: the workers pread their own chunks."""
+        offsets = iter(range(0, max(size, 1), CHUNK_SIZE))
+
+        def chunks(buf: bytearray) -> tuple[int, int | None, int]:
+            off = next(offsets, None)
+            if off is None:
+                return 0, fd, 0
+            return min(CHUNK_SIZE, size - off), fd, off
+
+        return self._add_chunks(chunks, size)
+
+    def _add_chunks(
+        self, next_chunk: Callable[[bytearray], tuple[int, int | None, int]], size: int | None
+    ) -> DagNode:
+        levels: list[list[DagNode]] = [[]]
+        free = [bytearray(CHUNK_SIZE) for _ in range(self.in_flight)]
+        jobs: deque[tuple[Future[tuple[bytes, int, Row | None]], bytearray, int]] = deque()
+        leaf_codec = "raw" if self.raw_leaves else "dag-pb"
+
+        def finish_oldest() -> None:
+            fut, buf, n = jobs.popleft()
+            digest, bsize, row = fut.result()
+            free.append(buf)
+            if row is not None:
+                self.new_blocks += 1
+            self._queue_row(row)
+            self._push(levels, 0, DagNode(CID(self.version, leaf_codec, digest), bsize, n))
+            if self.progress is not None:
+                self.progress(n)
+
+        try:
+            first = True
+            while True:
+                if not free:
+                    finish_oldest()
+                buf = free.pop()
+                n, fd, offset = next_chunk(buf)
+                if n == 0 and not first:
+                    free.append(buf)
+                    break
+                first = False
+                self.bytes_read += n
+                jobs.append((self.pool.submit(self._leaf_job, buf, n, fd, offset), buf, n))
+                if n < CHUNK_SIZE:
+                    break
+            while jobs:
+                finish_oldest()
+        finally:
+            for fut, _, _ in jobs:  # an error: let running jobs end before buffers go away
+                with contextlib.suppress(Exception):
+                    fut.result()
+        return self._finish(levels)
+
+    def _push(self, levels: list[list[DagNode]], depth: int, node: DagNode) -> None:
+        level = levels[depth]
+        level.append(node)
+        if len(level) == MAX_LINKS:
+            parent = self._parent(level)
+            levels[depth] = []
+            if depth + 1 == len(levels):
+                levels.append([])
+            self._push(levels, depth + 1, parent)
+
+    def _finish(self, levels: list[list[DagNode]]) -> DagNode:
+        """Close the balanced tree: reduce each level bottom-up into a single root."""
+        depth = 0
+        while True:
+            level = levels[depth]
+            higher = any(levels[d] for d in range(depth + 1, len(levels)))
+            if len(level) == 1 and not higher:
+                return level[0]
+            if level:
+                parent = self._parent(level)
+                levels[depth] = []
+                if depth + 1 == len(levels):
+                    levels.append([])
+                levels[depth + 1].append(parent)
+            depth += 1
+
+    def _parent(self, children: list[DagNode]) -> DagNode:
+        filesize = sum(c.filesize for c in children)
+        data = _dagpb.encode_unixfs(
+            _dagpb.UnixFSData(
+                _dagpb.FILE, filesize=filesize, blocksizes=[c.filesize for c in children]
+            )
+        )
+        links = [_dagpb.PBLink(c.cid.binary(), "", c.tsize) for c in children]
+        block = _dagpb.encode_node(links, data)
+        cid = self._put_small(block, "dag-pb")
+        return DagNode(cid, len(block) + sum(c.tsize for c in children), filesize)
+
+    def add_file(self, path: Path) -> DagNode:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                st = os.fstat(f.fileno())
+                if stat.S_ISREG(st.st_mode):
+                    return self.add_fd(f.fileno(), st.st_size)
+                return self.add_stream(f)  # type: ignore[arg-type]
+        except FileNotFoundError:
+            raise PathNotFoundError(f"{path} does not exist") from None
+        except IsADirectoryError:
+            raise InvalidArgumentError(f"{path} is a directory: use add_directory") from None
+        except PermissionError:
+            raise PathNotFoundError(f"{path} cannot be read (permission denied)") from None
+
+    # -- folders ------------------------------------------------------------------------------
+    def add_directory(self, path: Path, recursive: bool = True) -> DagNode:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise PathNotFoundError(f"{path} does not exist") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise InvalidArgumentError(f"{path} is not a directory: use add_file")
+        return self._add_dir(path, recursive, {(st.st_dev, st.st_ino)})
+
+    def _add_dir(self, path: Path, recursive: bool, ancestors: set[tuple[int, int]]) -> DagNode:
+        try:
+            entries = list(os.scandir(path))
+        except PermissionError:
+            raise PathNotFoundError(f"{path} cannot be read (permission denied)") from None
+        children: list[tuple[bytes, str, DagNode]] = []
+        for entry in entries:
+            try:
+                name_bytes = entry.name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidArgumentError(
+                    f"{entry.path!r}: file names must be UTF-8 to be stored in UnixFS"
+                ) from None
+            try:
+                st = os.stat(entry.path)  # follows symlinks (--dereference-symlinks)
+            except FileNotFoundError:
+                raise PathNotFoundError(f"{entry.path} is a dangling symlink") from None
+            if stat.S_ISDIR(st.st_mode):
+                if not recursive:
+                    continue
+                key = (st.st_dev, st.st_ino)
+                if key in ancestors:
+                    raise InvalidArgumentError(f"{entry.path} is a symlink loop")
+                node = self._add_dir(Path(entry.path), True, ancestors | {key})
+            elif stat.S_ISREG(st.st_mode):
+                node = self.add_file(Path(entry.path))
+            else:
+                raise InvalidArgumentError(
+                    f"{entry.path} is not a regular file or directory (UnixFS cannot hold it)"
+                )
+            children.append((name_bytes, entry.name, node))
+        children.sort(key=lambda c: c[0])
+        links = [_dagpb.PBLink(n.cid.binary(), name, n.tsize) for _, name, n in children]
+        block = _dagpb.encode_node(links, _dagpb.encode_unixfs(_dagpb.UnixFSData(_dagpb.DIRECTORY)))
+        cid = self._put_small(block, "dag-pb")
+        return DagNode(cid, len(block) + sum(n.tsize for _, _, n in children), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    cid: CID
+    tsize: int | None
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a root block is: its UnixFS type and the file size (or DAG size for folders)."""
+
+    type: str  # "file", "directory", "symlink", "hamt-sharded-directory"
+    size: int
+
+
+GetBlock = Callable[[CID], bytes]
+ReadInto = Callable[[CID, bytearray], memoryview]
+
+
+def _decode(c: CID, block: bytes) -> tuple[_dagpb.PBNode, _dagpb.UnixFSData]:
+    try:
+        node = _dagpb.decode_node(block)
+        if node.data is None:
+            raise _dagpb.DecodeError("dag-pb node has no UnixFS Data")
+        return node, _dagpb.decode_unixfs(node.data)
+    except _dagpb.DecodeError as exc:
+        raise StorageError(f"{c} is not a UnixFS node: {exc}") from None
+
+
+def node_info(c: CID, block: bytes) -> NodeInfo:
+    if c.codec == "raw":
+        return NodeInfo("file", len(block))
+    if c.codec != "dag-pb":
+        return NodeInfo(c.codec, len(block))
+    node, u = _decode(c, block)
+    if u.type in (_dagpb.FILE, _dagpb.RAW):
+        size = u.filesize if u.filesize is not None else len(u.data or b"")
+        return NodeInfo("file", size)
+    if u.type in (_dagpb.DIRECTORY, _dagpb.HAMT_SHARD):
+        return NodeInfo("directory", len(block) + sum(lk.tsize or 0 for lk in node.links))
+    if u.type == _dagpb.SYMLINK:
+        return NodeInfo("symlink", len(u.data or b""))
+    return NodeInfo(_dagpb.TYPE_NAMES[u.type], 0)
+
+
+def iter_directory(c: CID, get_block: GetBlock) -> Iterator[Entry]:
+    """Entries of a UnixFS directory (plain or HAMT-sharded, as Kubo writes big folders)."""
+    if c.codec != "dag-pb":
+        raise InvalidArgumentError(f"{c} is a {c.codec} block, not a UnixFS directory")
+    node, u = _decode(c, get_block(c))
+    if u.type == _dagpb.DIRECTORY:
+        for link in node.links:
+            yield Entry(link.name or "", _link_cid(c, link), link.tsize)
+    elif u.type == _dagpb.HAMT_SHARD:
+        yield from _iter_hamt(c, node, u, get_block)
+    else:
+        raise InvalidArgumentError(f"{c} is a UnixFS {_dagpb.TYPE_NAMES[u.type]}, not a directory")
+
+
+def _iter_hamt(
+    c: CID, node: _dagpb.PBNode, u: _dagpb.UnixFSData, get_block: GetBlock
+) -> Iterator[Entry]:
+    pad = len(format((u.fanout or 256) - 1, "X"))
+    for link in node.links:
+        name = link.name or ""
+        child = _link_cid(c, link)
+        if len(name) == pad:  # a sub-shard
+            sub, su = _decode(child, get_block(child))
+            if su.type != _dagpb.HAMT_SHARD:
+                raise StorageError(f"{child}: HAMT sub-shard link to a non-shard node")
+            yield from _iter_hamt(child, sub, su, get_block)
+        else:
+            yield Entry(name[pad:], child, link.tsize)
+
+
+def _link_cid(parent: CID, link: _dagpb.PBLink) -> CID:
+    try:
+        return cid_from_binary(link.hash)
+    except Exception as exc:
+        raise StorageError(f"{parent} links to an unsupported CID ({exc})") from None
+
+
+def check_name(name: str, parent: CID) -> str:
+    """A directory entry name must be one plain path component."""
+    if name in ("", ".", "..") or "/" in name or "\x00" in name or "\\" in name:
+        raise UnsafePathError(
+            f"directory {parent} contains the entry name {name!r}, which would write outside "
+            "the destination; refusing to export it"
+        )
+    return name
+
+
+def file_node(
+    c: CID, block: bytes | memoryview, expect: int | None
+) -> tuple[memoryview, list[tuple[CID, int]]]:
+    """Split one (verified) file block into its own bytes and its children with their sizes.
+
+    ``expect`` is the size the parent declared for this subtree; a DAG whose blocks are each
+    valid but whose sizes lie is refused rather than written with holes or overlaps.
+    """
+    if c.codec == "raw":
+        data = memoryview(block)
+        if expect is not None and len(data) != expect:
+            raise CorruptBlockError(str(c), f"holds {len(data)} bytes, parent says {expect}")
+        return data, []
+    if c.codec != "dag-pb":
+        raise InvalidArgumentError(f"{c} is a {c.codec} block, not a UnixFS file")
+    node, u = _decode(c, block)
+    if u.type not in (_dagpb.FILE, _dagpb.RAW):
+        what = _dagpb.TYPE_NAMES[u.type]
+        raise InvalidArgumentError(f"{c} is a UnixFS {what}, not a file")
+    data = memoryview(u.data if u.data is not None else b"")
+    if len(u.blocksizes) != len(node.links):
+        raise StorageError(f"{c}: {len(node.links)} links but {len(u.blocksizes)} block sizes")
+    total = len(data) + sum(u.blocksizes)
+    if expect is not None and total != expect:
+        raise CorruptBlockError(str(c), f"holds {total} bytes, parent says {expect}")
+    children = [
+        (_link_cid(c, link), size) for link, size in zip(node.links, u.blocksizes, strict=True)
+    ]
+    return data, children
+
+
+def iter_file(c: CID, get_block: GetBlock) -> Iterator[memoryview]:
+    """The bytes of a UnixFS file, in order, block by block."""
+    stack: list[tuple[CID, int | None]] = [(c, None)]
+    while stack:
+        cid, expect = stack.pop()
+        data, children = file_node(cid, get_block(cid), expect)
+        if len(data):
+            yield data
+        stack.extend(reversed(children))
+
+
+class Exporter:
+    """Writes UnixFS files and folders out of blocks, never outside ``dest``."""
+
+    def __init__(
+        self,
+        get_block: GetBlock,
+        read_into: ReadInto,
+        pool: ThreadPoolExecutor,
+        *,
+        in_flight: int = 8,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.get_block = get_block
+        self.read_into = read_into
+        self.pool = pool
+        self.in_flight = max(2, in_flight)
+        self.progress = progress
+
+    def _node_job(
+        self, c: CID, offset: int, expect: int | None, buf: bytearray, fd: int
+    ) -> list[tuple[CID, int, int]]:
+        """Read, verify and write one block (runs in the pool); returns its children."""
+        view = self.read_into(c, buf)  # verified against the CID
+        data, children = file_node(c, view, expect)
+        n, written = len(data), 0
+        while written < n:
+            written += os.pwrite(fd, data[written:], offset + written)
+        if self.progress is not None and n:
+            self.progress(n)
+        out, pos = [], offset + n
+        for child, size in children:
+            out.append((child, pos, size))
+            pos += size
+        return out
+
+    def write_file_fd(self, c: CID, fd: int, size: int) -> None:
+        """Write the file ``c`` (``size`` bytes) into ``fd``; blocks are verified in the pool.
+
+        Blocks land at their own offsets, so the pool may finish them in any order; the queue
+        of blocks still to visit is walked depth first, which bounds it by 174 x depth.
+        """
+        os.ftruncate(fd, size)
+        free = [bytearray(CHUNK_SIZE + 64) for _ in range(self.in_flight)]
+        todo: deque[tuple[CID, int, int | None]] = deque([(c, 0, size)])
+        jobs: deque[tuple[Future[list[tuple[CID, int, int]]], bytearray]] = deque()
+        try:
+            while todo or jobs:
+                if todo and free:
+                    cid, offset, expect = todo.popleft()
+                    buf = free.pop()
+                    jobs.append(
+                        (self.pool.submit(self._node_job, cid, offset, expect, buf, fd), buf)
+                    )
+                    continue
+                fut, buf = jobs.popleft()
+                children = fut.result()
+                free.append(buf)
+                todo.extendleft(reversed(children))  # type: ignore[arg-type]
+        finally:
+            for fut, _ in jobs:  # on error, let running jobs end before the fd is closed
+                with contextlib.suppress(Exception):
+                    fut.result()
+
+    def export(self, c: CID, dest: Path) -> None:
+        block = self.get_block(c)
+        info = node_info(c, block)
+        if info.type == "directory":
+            self._export_dir(c, dest)
+        elif info.type == "file":
+            self._export_file(c, dest, info.size)
+        elif info.type == "symlink":
+            self._export_symlink(c, block, dest)
+        else:
+            raise InvalidArgumentError(f"{c} is a {info.type}, which cannot be written to a file")
+
+    def _export_file(self, c: CID, dest: Path, size: int) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.{os.getpid()}.{threading.get_ident()}.dsi-part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        try:
+            self.write_file_fd(c, fd, size)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        if dest.is_symlink():
+            dest.unlink()  # never write through a link: replace it
+        os.replace(tmp, dest)
+
+    def _export_symlink(self, c: CID, block: bytes, dest: Path) -> None:
+        _, u = _decode(c, block)
+        target = bytes(u.data or b"").decode("utf-8", "replace")
+        parts = target.split("/")
+        if target.startswith("/") or ".." in parts or "\x00" in target:
+            raise UnsafePathError(
+                f"symlink {c} points to {target!r}, outside the destination; refusing it"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            dest.unlink()
+        os.symlink(target, dest)
+
+    def _export_dir(self, c: CID, dest: Path) -> None:
+        if dest.is_symlink():
+            raise UnsafePathError(f"{dest} is a symlink; refusing to write a folder through it")
+        if dest.exists() and not dest.is_dir():
+            raise InvalidArgumentError(f"{dest} exists and is not a folder; cannot write {c} there")
+        dest.mkdir(parents=True, exist_ok=True)
+        seen: set[str] = set()
+        for entry in iter_directory(c, self.get_block):
+            name = check_name(entry.name, c)
+            if name in seen:
+                raise UnsafePathError(f"directory {c} lists the name {name!r} twice")
+            seen.add(name)
+            self.export(entry.cid, dest / name)
