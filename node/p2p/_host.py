@@ -1,0 +1,126 @@
+"""Construction of the py-libp2p 0.8.1 host and gossipsub router with the settings dsi needs.
+
+Every keyword here was measured (see DESIGN "What py-libp2p 0.8.1 needs"):
+- ``sec_opt`` = Noise only: the default also accepts plaintext, secio and TLS peers.
+- ``ConnectionConfig(max_connections_per_peer=1)``: otherwise each connect waits a fixed 250 ms.
+- The swarm's auto-connector (it dials peerstore entries to reach 150 connections) is stopped
+  once the host runs (``stop_auto_connector``): dsi dials its bootstrap peers, with backoff, and
+  the owners of tasks it claims - nothing else.
+- gossipsub ``heartbeat_interval=1`` (default 120 s), ``adaptive_gossip_enabled=False`` (raises
+  the heartbeat to 30 s in small swarms), ``spam_protection_enabled=False`` (10 msg/s per topic,
+  own publishes included), protocols ``/meshsub/1.2.0, 1.1.0, 1.0.0``, StrictSign.
+These match go-libp2p and js-libp2p defaults (Noise, yamux, StrictSign, identify), so those
+implementations interoperate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import multiaddr
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.serialization import deserialize_private_key
+from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
+
+from node.identity import Identity
+
+MESHSUB_PROTOCOLS = (PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID)
+
+# py-libp2p's yamux sends a WINDOW_UPDATE after *every* read by default; gossipsub reads its
+# varint prefixes one byte at a time, so each message cost dozens of extra frames (measured:
+# 70 -> 28 frames and -25% CPU per gossip message). "0" restores go-yamux semantics (credit
+# returned once half the window is consumed), which every yamux peer expects anyway.
+os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+
+
+async def _go_yamux_window_update(self: Any, *, bytes_read: int = 0) -> None:
+    """go-yamux receive-window credit: return consumed bytes to the sender once they reach
+    half the window, not after every read.
+
+    py-libp2p 0.8.1 sends a WINDOW_UPDATE frame after *every* read that consumed bytes (its
+    "partial slack" branch ignores every knob), and multistream-select and gossipsub read
+    varint prefixes one byte at a time: a request/response stream cost ~6 extra encrypted
+    frames and syscalls per side. Credit is the same protocol either way, so every yamux
+    peer (go, js, rust, py) interoperates; only the batching changes.
+    """
+    total = 0
+    async with self.window_lock:
+        if bytes_read > 0:
+            self._pending_recv_release += bytes_read
+        if self._pending_recv_release >= max(self._grow_threshold(), 1):
+            total = self._pending_recv_release
+            self._pending_recv_release = 0
+            self.recv_window += total
+    if total > 0:
+        await self.send_window_update(total, skip_lock=True)
+
+
+def _patch_yamux() -> None:
+    if os.environ.get("DSI_YAMUX_PER_READ_UPDATES") == "1":  # escape hatch, for comparison
+        return
+    YamuxStream._auto_tune_and_send_window_update = _go_yamux_window_update  # type: ignore[method-assign]
+
+
+def quiet_libp2p_logging() -> None:
+    """py-libp2p logs routine peer churn at WARNING; keep it out of users' stderr unless they
+    asked for it with LIBP2P_DEBUG."""
+    if not os.environ.get("LIBP2P_DEBUG"):
+        logging.getLogger("libp2p").setLevel(logging.ERROR)
+
+
+def key_pair_of(identity: Identity) -> KeyPair:
+    private = deserialize_private_key(identity.libp2p_bytes())
+    return KeyPair(private, private.get_public_key())
+
+
+@dataclass
+class HostParts:
+    host: IHost
+    pubsub: Pubsub
+    gossipsub: GossipSub
+
+
+def build_host(identity: Identity, listen_addrs: Sequence[str]) -> HostParts:
+    quiet_libp2p_logging()
+    _patch_yamux()
+    key_pair = key_pair_of(identity)
+    noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
+    addrs = [multiaddr.Multiaddr(a) for a in listen_addrs]
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        listen_addrs=addrs,
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+    )
+    gossipsub = GossipSub(
+        protocols=list(MESHSUB_PROTOCOLS),
+        degree=6,
+        degree_low=4,
+        degree_high=12,
+        heartbeat_interval=1,
+        adaptive_gossip_enabled=False,
+        spam_protection_enabled=False,
+    )
+    pubsub = Pubsub(host, gossipsub, strict_signing=True)
+    return HostParts(host=host, pubsub=pubsub, gossipsub=gossipsub)
+
+
+async def stop_auto_connector(host: IHost) -> None:
+    connector = getattr(host.get_network(), "auto_connector", None)
+    if connector is not None:
+        await connector.stop()

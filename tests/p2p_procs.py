@@ -1,0 +1,145 @@
+"""Run ``tests/p2p_peer.py`` nodes as separate OS processes and follow their JSON lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+PEER_SCRIPT = REPO / "tests" / "p2p_peer.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PeerProcess:
+    """One node process; ``wait_for`` scans its events with a timeout (never hangs)."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
+        self.name = name
+        self.events: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.stderr_path = log_dir / f"{name}.stderr"
+        self._stderr = open(self.stderr_path, "w")  # noqa: SIM115 - closed in stop()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(PEER_SCRIPT), *args],
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            cwd=REPO,
+            env=env,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.ready: dict[str, Any] = {}
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            with self._cond:
+                self.events.append(event)
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str = ""
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for event in self.events[seen:]:
+                    if predicate(event):
+                        return event
+                seen = len(self.events)
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and seen == len(self.events)):
+                    break
+                self._cond.wait(min(left, 0.2))
+        raise AssertionError(
+            f"{self.name}: no {what or 'matching event'} within {timeout}s "
+            f"(exit={self.proc.poll()}); stderr tail: {self.stderr_tail()}"
+        )
+
+    def wait_event(self, kind: str, timeout: float = 30.0) -> dict[str, Any]:
+        return self.wait_for(lambda e: e["event"] == kind, timeout, kind)
+
+    def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
+        self.ready = self.wait_event("ready", timeout)
+        return self.ready
+
+    @property
+    def addr(self) -> str:
+        return str(self.ready["addrs"][0])
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.ready["peer_id"])
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        with self._cond:
+            return [e for e in self.events if e["event"] == kind]
+
+    def stderr_tail(self, n: int = 1500) -> str:
+        try:
+            return self.stderr_path.read_text()[-n:]
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._reader.join(timeout=5)
+        self._stderr.close()
+
+
+class Swarm:
+    """The processes of one test; ``close()`` stops every one of them."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.peers: list[PeerProcess] = []
+
+    def start(
+        self, name: str, role: str, *extra: str, listen: str | None = None, data: str = ""
+    ) -> PeerProcess:
+        """Start a node; ``data`` names its data directory (default: ``name``)."""
+        args = ["--role", role, "--cache-dir", str(self.base / (data or name)), *extra]
+        if listen:
+            args += ["--listen", listen]
+        peer = PeerProcess(name, args, self.base / "logs")
+        self.peers.append(peer)
+        return peer
+
+    def close(self) -> None:
+        for peer in self.peers:
+            peer.stop()
