@@ -102,6 +102,11 @@ def test_filesystem_handler(config: dict[str, Any], tmp_path: Path) -> None:
     assert entries["sub"]["type"] == "directory" and entries["train.jsonl"]["type"] == "file"
     for entry in entries.values():
         assert entry["cid"].startswith("Qm")
+    synced = fs.sync()
+    if DISABLED:
+        assert "records" not in synced  # never talks to Kubo
+    else:
+        assert synced["remaining"] == 0 and synced["records"]["remaining"] == 0
     fs.close()
 
     # The seed's keyword form.

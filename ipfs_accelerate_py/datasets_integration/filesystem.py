@@ -104,8 +104,15 @@ class FilesystemHandler(Facade):
         return self._blocks.gc()
 
     def sync(self) -> dict[str, Any]:
-        """Push content that was stored while Kubo was away: ``{"pushed", "remaining", ...}``."""
-        return self._blocks.sync()
+        """Push what was stored while Kubo was away: ``{"pushed", "remaining", ..., "records"}``.
+
+        Content queued by adds goes first; ``records`` reports the provenance records pushed in
+        the same call (they are blocks too, and kept by the provenance store's own watermark).
+        """
+        result = self._blocks.sync()
+        if self._blocks.kubo is not None:
+            result["records"] = self.services.provenance.sync()
+        return result
 
     def status(self) -> dict[str, Any]:
         return self._blocks.status()

@@ -51,6 +51,10 @@ class DatasetsManager(Facade):
         )
         return cid
 
+    def sync(self) -> dict[str, Any]:
+        """Push records written while Kubo was away: ``{"pushed", "remaining", ...}``."""
+        return self.services.provenance.sync()
+
     def get_status(self) -> dict[str, Any]:
         """What this manager runs on.
 

@@ -131,6 +131,10 @@ class ProvenanceLogger(Facade):
         )
 
     # --- lineage, verification, export -----------------------------------------------------
+    def sync(self) -> dict[str, Any]:
+        """Push records written while Kubo was away: ``{"pushed", "remaining", ...}``."""
+        return self.services.provenance.sync()
+
     def get_record(self, cid: str, *, resolve: bool = True) -> dict[str, Any]:
         """One record by CID, with its large values loaded (``resolve=False``: links)."""
         return self.services.provenance.get(cid, resolve=resolve)
