@@ -12,12 +12,15 @@ gain nothing from being async. The trio node (``node.p2p``) calls them through
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from node.config import NodeConfig
+from node.errors import DatasetsError
 from node.identity import Identity, load_or_create_identity
 
 if TYPE_CHECKING:
@@ -25,6 +28,11 @@ if TYPE_CHECKING:
     from node.provenance import ProvenanceStore
     from node.storage import BlockService, LocalBlockStore
     from node.tasks import TaskQueue
+
+log = logging.getLogger("dsi.services")
+
+# Verified blocks from peers keyed by the CID strings asked for, or None when no P2P node runs.
+PeerFetcher = Callable[[Sequence[str]], "Mapping[str, bytes] | None"]
 
 
 class NodeServices:
@@ -34,6 +42,10 @@ class NodeServices:
         self._lock = threading.RLock()
         self._p2p: P2PHandle | None = None
         self._closed = False
+        # Its own lock: the node installs the fetcher while p2p() holds self._lock.
+        self._fetcher_lock = threading.Lock()
+        self._peer_fetcher: PeerFetcher | None = None
+        self._p2p_autostart_failed = False
 
     @cached_property
     def identity(self) -> Identity:
@@ -58,7 +70,43 @@ class NodeServices:
         """A block service over the shared local store, talking to Kubo at ``ipfs_api``."""
         from node.storage import BlockService
 
-        return BlockService(self.local_blocks, ipfs_api=ipfs_api, timeout=self.config.kubo_timeout)
+        return BlockService(
+            self.local_blocks,
+            ipfs_api=ipfs_api,
+            timeout=self.config.kubo_timeout,
+            peer_fetcher=self.fetch_from_peers if self.config.enable_p2p else None,
+        )
+
+    # -- blocks from peers: node.storage asks, node.p2p answers (neither imports the other) ----
+    def set_peer_fetcher(
+        self, fetcher: PeerFetcher | None, *, only: PeerFetcher | None = None
+    ) -> None:
+        """Installed by the running P2P node (None when it stops; with ``only``, cleared
+        only if it is still that one)."""
+        with self._fetcher_lock:
+            if only is not None and self._peer_fetcher != only:
+                return
+            self._peer_fetcher = fetcher
+
+    def fetch_from_peers(self, cids: Sequence[str]) -> Mapping[str, bytes] | None:
+        """Blocks from connected peers for every ``BlockService`` of this node (P2P on).
+
+        Starts the P2P host on first need, as the task coordinator does, so a
+        ``FilesystemHandler(enable_p2p=True)`` asks its bootstrap peers. None when P2P is off
+        or cannot run here (e.g. another process runs this cache_dir's host).
+        """
+        fetcher = self._peer_fetcher
+        if fetcher is None and self.config.enable_p2p and not self._closed:
+            if self._p2p_autostart_failed:
+                return None
+            try:
+                self.p2p()
+            except DatasetsError as exc:
+                self._p2p_autostart_failed = True
+                log.warning("cannot ask peers for blocks: the P2P node did not start: %s", exc)
+                return None
+            fetcher = self._peer_fetcher
+        return None if fetcher is None else fetcher(cids)
 
     @cached_property
     def provenance(self) -> ProvenanceStore:

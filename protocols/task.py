@@ -10,19 +10,17 @@ as the worker identity - never a field of the message.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import TYPE_CHECKING, Protocol
 
-import trio
-
+from protocols._exchange import ExchangeServer, exchange
 from protocols.codec import MAX_LIST_LEN, check_id, check_list, parse_strict
-from protocols.errors import ErrorResponse, FrameError, FrameTooLargeError, MalformedMessageError
-from protocols.framing import MAX_FRAME_SIZE, read_frame, write_frame
+from protocols.errors import ErrorResponse, MalformedMessageError
+from protocols.framing import MAX_FRAME_SIZE
 from protocols.pb import task_pb2 as pb
 
 if TYPE_CHECKING:
-    from libp2p.abc import IHost, INetStream
+    from libp2p.abc import IHost
     from libp2p.peer.id import ID
 
 PROTOCOL_ID = "/dsi/task/1.0.0"
@@ -97,19 +95,11 @@ async def dispatch(authority: TaskAuthority, worker: str, req: pb.TaskRequest) -
         return error_response(pb.ERROR_CODE_INTERNAL, f"owner failed: {type(exc).__name__}")
 
 
-def _peer_of(stream: INetStream) -> str:
-    return stream.muxed_conn.peer_id.to_base58()
-
-
-async def _reset(stream: INetStream) -> None:
-    with trio.move_on_after(1):
-        with contextlib.suppress(Exception):
-            await stream.reset()
-
-
-class TaskServer:
+class TaskServer(ExchangeServer[pb.TaskRequest, pb.TaskResponse]):
     """The ``/dsi/task/1.0.0`` stream handler: ``host.set_stream_handler(PROTOCOL_ID,
     TaskServer(authority).handle_stream)``."""
+
+    protocol_id = PROTOCOL_ID
 
     def __init__(
         self,
@@ -119,50 +109,20 @@ class TaskServer:
         max_frame: int = MAX_FRAME_SIZE,
         max_concurrent: int = 64,
     ) -> None:
+        super().__init__(timeout=timeout, max_frame=max_frame, max_concurrent=max_concurrent)
         self.authority = authority
-        self.timeout = timeout
-        self.max_frame = max_frame
-        self._slots = trio.Semaphore(max_concurrent)
-        self.served = 0
-        self.rejected = 0
 
-    async def _answer(self, stream: INetStream, resp: pb.TaskResponse) -> None:
-        with trio.fail_after(self.timeout):
-            await write_frame(stream, resp.SerializeToString(), self.max_frame)
-            await stream.close()
+    def is_allowed(self, peer_id: str) -> bool:
+        return self.authority.is_allowed(peer_id)
 
-    async def handle_stream(self, stream: INetStream) -> None:
-        try:
-            worker = _peer_of(stream)
-            if not self.authority.is_allowed(worker):
-                self.rejected += 1
-                logger.info("refusing %s from %s: not on the allow-list", PROTOCOL_ID, worker)
-                await self._answer(
-                    stream, error_response(pb.ERROR_CODE_DENIED, "peer is not on the allow-list")
-                )
-                return
-            async with self._slots:
-                try:
-                    with trio.fail_after(self.timeout):
-                        data = await read_frame(stream, self.max_frame)
-                    req = parse_strict(pb.TaskRequest, data)
-                except (FrameTooLargeError, MalformedMessageError) as exc:
-                    self.rejected += 1
-                    logger.info("bad request from %s: %s", worker, exc)
-                    # Answer, then reset: an oversized body is still unread on the stream.
-                    await self._answer(stream, error_response(pb.ERROR_CODE_BAD_REQUEST, str(exc)))
-                    await _reset(stream)
-                    return
-                resp = await dispatch(self.authority, worker, req)
-                self.served += 1
-                await self._answer(stream, resp)
-        except (FrameError, trio.TooSlowError) as exc:
-            self.rejected += 1
-            logger.debug("resetting %s stream: %s", PROTOCOL_ID, exc)
-            await _reset(stream)
-        except Exception as exc:  # a peer's misbehaviour must never stop the node serving
-            logger.debug("resetting %s stream after %r", PROTOCOL_ID, exc)
-            await _reset(stream)
+    def error_response(self, code: int, message: str) -> pb.TaskResponse:
+        return error_response(code, message)
+
+    def parse(self, data: bytes) -> pb.TaskRequest:
+        return parse_strict(pb.TaskRequest, data)
+
+    async def respond(self, peer_id: str, req: pb.TaskRequest) -> pb.TaskResponse:
+        return await dispatch(self.authority, peer_id, req)
 
 
 class TaskClient:
@@ -181,20 +141,10 @@ class TaskClient:
         self.max_frame = max_frame
 
     async def request(self, peer_id: ID, req: pb.TaskRequest) -> pb.TaskResponse:
-        payload = req.SerializeToString()
-        with trio.fail_after(self.timeout):
-            stream = await self.host.new_stream(peer_id, [PROTOCOL_ID])
-        try:
-            with trio.fail_after(self.timeout):
-                await write_frame(stream, payload, self.max_frame)
-                data = await read_frame(stream, self.max_frame)
-            resp = parse_strict(pb.TaskResponse, data)
-        except BaseException:
-            await _reset(stream)
-            raise
-        with trio.move_on_after(self.timeout):
-            with contextlib.suppress(Exception):
-                await stream.close()
+        resp = await exchange(
+            self.host, peer_id, PROTOCOL_ID, req, pb.TaskResponse,
+            timeout=self.timeout, max_frame=self.max_frame,
+        )
         if resp.WhichOneof("body") == "error":
             raise ErrorResponse(resp.error.code, resp.error.message)
         if resp.WhichOneof("body") is None:

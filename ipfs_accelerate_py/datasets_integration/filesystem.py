@@ -70,7 +70,8 @@ class FilesystemHandler(Facade):
     def get_file(self, cid: str, dest: str | os.PathLike[str]) -> str:
         """Write the file or folder ``cid`` to ``dest``; returns the path written.
 
-        Looks in the local store, then in Kubo; every block is verified against its CID.
+        Looks in the local store, then in Kubo, then (``enable_p2p``) asks connected peers;
+        every block is verified against its CID.
         If ``dest`` is an existing folder and ``cid`` a file, the file is written inside it.
         """
         return str(self._blocks.get_file(cid, dest))

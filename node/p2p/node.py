@@ -1,4 +1,5 @@
-"""The trio P2P node: one libp2p host, the task gossip and the ``/dsi/task/1.0.0`` protocol.
+"""The trio P2P node: one libp2p host, the task gossip, the ``/dsi/task/1.0.0`` protocol and
+the ``/dsi/block/1.0.0`` block exchange.
 
 Owner side: tasks submitted here with the ``P2P_ELIGIBLE`` tag are offered on gossip (on
 submit, when a retry becomes claimable, and periodically while unclaimed) and handed out only
@@ -8,6 +9,10 @@ claims, and the worker's identity is the stream's authenticated peer id.
 Worker side: ``get_next_task`` weighs the local queue against the remote offers heard on gossip
 (or listed from owners), claims the best one from its owner, and keeps the lease alive in the
 background until ``complete_task`` / ``fail_task`` report back to the owner.
+
+Blocks: the node serves its local blocks to allowed peers and, while it runs, installs a peer
+fetcher on its services, so a ``BlockService`` read that misses locally and in Kubo asks the
+connected peers (every block verified against its CID before it is stored).
 
 Every service call (SQLite) runs in a worker thread (``trio.to_thread``); every network step has
 a timeout.
@@ -23,7 +28,7 @@ import os
 import sys
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +52,13 @@ from node.errors import (
 )
 from node.p2p._errors import from_error_response, to_error_response
 from node.p2p._host import HostParts, build_host, stop_auto_connector
+from node.p2p.blocks import LocalBlockSource, PeerBlockFetcher
 from node.p2p.offers import OfferTable, RemoteOffer, rank_key
 from node.p2p.settings import P2PSettings
 from node.services import NodeServices, acquire_services, release_services
 from node.tasks import TAG_GPU_PREFERRED, TAG_P2P_ELIGIBLE, is_gpu_worker, norm_capabilities
 from protocols import announce
+from protocols import block as block_protocol
 from protocols.codec import decode_json, encode_json
 from protocols.errors import ErrorResponse, ProtocolError
 from protocols.framing import MAX_FRAME_SIZE
@@ -77,6 +84,15 @@ _EVENT_UPDATES = {"claimed", "completed", "failed", "cancelled"}
 _PUBLISH_QUEUE_HIGH_WATER = 8
 _MAX_ANNOUNCE_BACKLOG = 100_000
 _MAX_REMEMBERED_REMOTE = 10_000
+
+
+def _cid_or_none(value: Any) -> str | None:
+    """``value`` if it is a valid CID string, else None (results may carry placeholders)."""
+    if not isinstance(value, str):
+        return None
+    from node.storage import is_cid
+
+    return value if is_cid(value) else None
 
 
 def _has_tag(tags: Iterable[str], tag: str) -> bool:
@@ -192,6 +208,7 @@ class OwnerAuthority:
             ),
         )
         self.node.stats["served_completes"] += 1
+        self.node._record_remote_execution(worker, st, "completed", result=result)
         return pb.Ack(task_id=req.task_id, state=STATE_TO_PB[st["status"]])
 
     async def heartbeat(self, worker: str, req: pb.HeartbeatRequest) -> pb.Ack:
@@ -208,6 +225,7 @@ class OwnerAuthority:
                 req.task_id, req.lease_id, req.error or "failed", req.retryable, worker_id=worker
             ),
         )
+        self.node._record_remote_execution(worker, st, "failed", error=req.error or "failed")
         return pb.Ack(task_id=req.task_id, state=STATE_TO_PB[st["status"]])
 
     async def status(self, worker: str, req: pb.StatusRequest) -> pb.TaskStatus:
@@ -275,6 +293,19 @@ class Node:
         self._allowed = frozenset(self.config.allowed_peers)
         self.client = TaskClient(self.host, timeout=settings.request_timeout)
         self.server = TaskServer(OwnerAuthority(self), timeout=settings.request_timeout)
+        self.block_client = block_protocol.BlockClient(
+            self.host, timeout=settings.request_timeout
+        )
+        self.block_server = block_protocol.BlockServer(
+            LocalBlockSource(services.local_blocks, self.is_allowed),
+            timeout=settings.request_timeout,
+        )
+        self.block_fetcher = PeerBlockFetcher(
+            self.block_client,
+            self._block_peers,
+            settings,
+            has_bootstrap=bool(self.config.bootstrap_peers),
+        )
         self.offers = OfferTable(settings.max_remote_offers, settings.remote_offer_ttl)
         self.stats: Counter[str] = Counter()
         self._held: dict[str, HeldLease] = {}
@@ -342,6 +373,13 @@ class Node:
             ],
             "allow_list": sorted(self._allowed),
             "stats": dict(self.stats),
+            "blocks": {
+                "protocol": block_protocol.PROTOCOL_ID,
+                "served_requests": self.block_server.served,
+                "blocks_sent": self.block_server.blocks_sent,
+                "refused_requests": self.block_server.rejected,
+                **{f"fetch_{k}": v for k, v in self.block_fetcher.stats.items()},
+            },
         }
 
     def remote_offers(self) -> list[dict[str, object]]:
@@ -354,12 +392,108 @@ class Node:
     def _is_connected(self, peer: ID) -> bool:
         return bool(self.host.get_network().connections.get(peer))
 
+    # ------------------------------------------------------------------ blocks
+    def _block_peers(self) -> list[ID]:
+        me = self.host.get_id()
+        return [
+            p
+            for p in self.host.get_connected_peers()
+            if p != me and self.is_allowed(p.to_base58())
+        ]
+
+    async def fetch_blocks(
+        self, cids: Sequence[str], peers: Iterable[str] | None = None
+    ) -> dict[str, bytes]:
+        """Verified blocks from connected peers (or from ``peers``, in that order), keyed by
+        the CID strings as given; whatever no peer has is simply absent."""
+        ids = (
+            [ID.from_base58(p) for p in peers if p != self.peer_id and self.is_allowed(p)]
+            if peers is not None
+            else None
+        )
+        return await self.block_fetcher.fetch(cids, ids)
+
+    def fetch_blocks_sync(self, cids: Sequence[str]) -> dict[str, bytes] | None:
+        """The peer hook of ``BlockService`` (call it from any thread but the node's own):
+        verified blocks from peers, or None when the node is not running."""
+        if self._closed:
+            return None
+        try:
+            return trio.from_thread.run(
+                self.block_fetcher.fetch, list(cids), trio_token=self._token
+            )
+        except (trio.RunFinishedError, trio.Cancelled):
+            return None
+
+    # ------------------------------------------------------------------ provenance (owner)
+    def _record_remote_execution(
+        self,
+        worker: str,
+        st: dict[str, Any],
+        outcome: str,
+        *,
+        result: Any = None,
+        error: str | None = None,
+    ) -> None:
+        """Owner side: a ``worker_execution`` record for a remote worker's completion or
+        failure (worker = the stream's authenticated peer id). Written after the answer, in
+        the background: the task's state is already committed, and a slow or failing
+        provenance store must neither delay nor fail the worker's request."""
+        if not self.config.enable_provenance or self._nursery is None or self._closed:
+            return
+        data: dict[str, Any] = {
+            "status": outcome,
+            "task_type": st.get("task_type"),
+            "attempt": st.get("attempt"),
+            "task_status": st.get("status"),
+            "owner": self.peer_id,
+        }
+        claimed, finished = st.get("claimed_at"), st.get("completed_at")
+        if isinstance(claimed, (int, float)) and isinstance(finished, (int, float)):
+            data["duration_ms"] = round((finished - claimed) * 1000, 3)
+        if result is not None:
+            data["result"] = result
+        if error is not None:
+            data["error"] = error
+        task_data = st.get("data")
+        input_cid = (
+            _cid_or_none(task_data.get("input_cid")) if isinstance(task_data, dict) else None
+        )
+        output_cid = _cid_or_none(st.get("result_cid")) or (
+            _cid_or_none(result.get("output_cid")) if isinstance(result, dict) else None
+        )
+        fields = {"worker_id": worker, "task_id": st["task_id"], "data": data}
+        self._nursery.start_soon(self._append_execution, fields, input_cid, output_cid)
+
+    async def _append_execution(
+        self, fields: dict[str, Any], input_cid: str | None, output_cid: str | None
+    ) -> None:
+        # Shielded: a record whose task is already completed must not be lost to shutdown.
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(
+                    lambda: self.services.provenance.append(
+                        "worker_execution", fields, input_cid=input_cid, output_cid=output_cid
+                    )
+                )
+                self.stats["provenance_records"] += 1
+            except Exception as exc:
+                self.stats["provenance_failures"] += 1
+                log.warning(
+                    "task %s is %s, but its provenance record could not be written: %s",
+                    fields["task_id"], fields["data"]["task_status"], exc,
+                )
+
     # ------------------------------------------------------------------ start / stop
     async def _start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         self._owner_addrs = self._compute_owner_addrs()
         self.host.get_network().register_notifee(_Notifee(self))
         self.host.set_stream_handler(PROTOCOL_ID, self.server.handle_stream)  # type: ignore[arg-type]
+        self.host.set_stream_handler(
+            block_protocol.PROTOCOL_ID,  # type: ignore[arg-type]
+            self.block_server.handle_stream,  # type: ignore[arg-type]
+        )
         self.pubsub.set_topic_validator(
             announce.TOPIC, announce.make_topic_validator(self.is_allowed), False
         )
@@ -373,9 +507,11 @@ class Node:
         nursery.start_soon(self._background_lister)
         for addr in self.config.bootstrap_peers:
             nursery.start_soon(self._keep_connected, addr)
+        self.services.set_peer_fetcher(self.fetch_blocks_sync)
 
     def _stop(self) -> None:
         self._closed = True
+        self.services.set_peer_fetcher(None, only=self.fetch_blocks_sync)
         self.tasks.remove_listener(self._on_task_event)
         for held in self._held.values():
             if held.scope is not None:
@@ -1252,6 +1388,7 @@ async def open_node(
     try:
         await trio.to_thread.run_sync(lock.acquire)
         await trio.to_thread.run_sync(lambda: services.tasks)  # opens SQLite off the loop
+        await trio.to_thread.run_sync(lambda: services.local_blocks)
         parts = build_host(services.identity, cfg.listen_addrs)
         listen = [multiaddr.Multiaddr(a) for a in cfg.listen_addrs]
         async with AsyncExitStack() as stack:

@@ -44,3 +44,7 @@ class P2PSettings:
     claim_spread: int = 16
     # Owner unreachable: skip its offers for this long.
     owner_backoff: float = 2.0
+    # Block exchange (/dsi/block/1.0.0): one fetch call gives up after this long, and a peer
+    # that sent bytes not matching their CID is not asked again for this long.
+    block_fetch_timeout: float = 60.0
+    block_peer_penalty: float = 60.0

@@ -3,6 +3,6 @@
 Do not edit ``*_pb2.py`` by hand: run ``scripts/gen_proto`` after changing a ``.proto``.
 """
 
-from protocols.pb import task_pb2
+from protocols.pb import block_pb2, task_pb2
 
-__all__ = ["task_pb2"]
+__all__ = ["block_pb2", "task_pb2"]

@@ -1,0 +1,151 @@
+"""One request, one response per stream: the exchange both dsi stream protocols share.
+
+``ExchangeServer`` is the server half (allow-list, a concurrency bound, a bounded and timed read,
+strict decoding, the answer, and a reset for anything a peer gets wrong); each protocol supplies
+only how to decode and answer its own messages. ``exchange`` is the client half. Both sides put a
+timeout on every step, so a silent or slow peer costs at most ``timeout`` per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+import trio
+from google.protobuf.message import Message
+
+from protocols.codec import parse_strict
+from protocols.errors import FrameError, FrameTooLargeError, MalformedMessageError
+from protocols.framing import MAX_FRAME_SIZE, read_frame, write_frame
+from protocols.pb import task_pb2 as pb
+
+if TYPE_CHECKING:
+    from libp2p.abc import IHost, INetStream
+    from libp2p.peer.id import ID
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp", bound=Message)
+M = TypeVar("M", bound=Message)
+
+logger = logging.getLogger("dsi.protocols")
+
+
+def remote_peer(stream: INetStream) -> str:
+    """The stream's authenticated remote peer id (base58): the only identity we trust."""
+    return stream.muxed_conn.peer_id.to_base58()
+
+
+async def reset_stream(stream: INetStream) -> None:
+    with trio.move_on_after(1):
+        with contextlib.suppress(Exception):
+            await stream.reset()
+
+
+class ExchangeServer(ABC, Generic[Req, Resp]):
+    """A stream handler: ``host.set_stream_handler(server.protocol_id, server.handle_stream)``."""
+
+    protocol_id: str
+
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        max_frame: int = MAX_FRAME_SIZE,
+        max_request_frame: int | None = None,
+        max_concurrent: int = 64,
+    ) -> None:
+        self.timeout = timeout
+        self.max_frame = max_frame
+        self.max_request_frame = min(max_request_frame or max_frame, max_frame)
+        self._slots = trio.Semaphore(max_concurrent)
+        self.served = 0
+        self.rejected = 0
+
+    @abstractmethod
+    def is_allowed(self, peer_id: str) -> bool: ...
+
+    @abstractmethod
+    def error_response(self, code: int, message: str) -> Resp: ...
+
+    @abstractmethod
+    def parse(self, data: bytes) -> Req:
+        """Decode and check one request; MalformedMessageError when it is not acceptable."""
+
+    @abstractmethod
+    async def respond(self, peer_id: str, req: Req) -> Resp:
+        """The answer to a decoded request (errors are answers too, not exceptions)."""
+
+    async def _answer(self, stream: INetStream, resp: Resp) -> None:
+        with trio.fail_after(self.timeout):
+            await write_frame(stream, resp.SerializeToString(), self.max_frame)
+            await stream.close()
+
+    async def handle_stream(self, stream: INetStream) -> None:
+        try:
+            peer = remote_peer(stream)
+            if not self.is_allowed(peer):
+                self.rejected += 1
+                logger.info("refusing %s from %s: not on the allow-list", self.protocol_id, peer)
+                await self._answer(
+                    stream,
+                    self.error_response(pb.ERROR_CODE_DENIED, "peer is not on the allow-list"),
+                )
+                return
+            async with self._slots:
+                try:
+                    with trio.fail_after(self.timeout):
+                        data = await read_frame(stream, self.max_request_frame)
+                    req = self.parse(data)
+                except (FrameTooLargeError, MalformedMessageError) as exc:
+                    self.rejected += 1
+                    logger.info("bad %s request from %s: %s", self.protocol_id, peer, exc)
+                    # Answer, then reset: an oversized body is still unread on the stream.
+                    await self._answer(
+                        stream, self.error_response(pb.ERROR_CODE_BAD_REQUEST, str(exc))
+                    )
+                    await reset_stream(stream)
+                    return
+                resp = await self.respond(peer, req)
+                self.served += 1
+                await self._answer(stream, resp)
+        except (FrameError, trio.TooSlowError) as exc:
+            self.rejected += 1
+            logger.debug("resetting %s stream: %s", self.protocol_id, exc)
+            await reset_stream(stream)
+        except Exception as exc:  # a peer's misbehaviour must never stop the node serving
+            logger.debug("resetting %s stream after %r", self.protocol_id, exc)
+            await reset_stream(stream)
+
+
+async def exchange(
+    host: IHost,
+    peer_id: ID,
+    protocol_id: str,
+    request: Message,
+    response_type: type[M],
+    *,
+    timeout: float,
+    max_frame: int = MAX_FRAME_SIZE,
+) -> M:
+    """Send ``request`` on a new stream and return the strictly decoded response.
+
+    Raises ``ProtocolError`` subclasses for a malformed answer, ``trio.TooSlowError`` when a
+    step times out, and libp2p's stream/swarm errors when the peer cannot be reached.
+    """
+    payload = request.SerializeToString()
+    with trio.fail_after(timeout):
+        stream = await host.new_stream(peer_id, [protocol_id])
+    try:
+        with trio.fail_after(timeout):
+            await write_frame(stream, payload, max_frame)
+            data = await read_frame(stream, max_frame)
+        resp = parse_strict(response_type, data)
+    except BaseException:
+        await reset_stream(stream)
+        raise
+    with trio.move_on_after(timeout):
+        with contextlib.suppress(Exception):
+            await stream.close()
+    return resp
