@@ -246,6 +246,11 @@ def index_value(wire: Any) -> str:
         return float.__repr__(wire)
     else:
         text = dumps_wire(wire)
+    return _index_text(text)
+
+
+def _index_text(text: bytes) -> str:
+    """Index value of a value whose canonical encoding is ``text``."""
     if len(text) <= _INLINE_KEY_MAX:
         return text.decode("utf-8")
     return "#" + hashlib.sha256(text).hexdigest()[:40]
@@ -298,9 +303,14 @@ def prepare(
     for key, wire in list(wire_fields.items()):
         # Postings are taken after splitting, from exactly what the record holds, so an index
         # rebuilt from the blocks is identical and a filter value is keyed the same way.
-        wire = _split(wire, key, blocks, force_inline=(key == "data"))
-        wire_fields[key] = wire
-        postings.append((key, index_value(wire)))
+        encoded = dumps_wire(wire) if type(wire) is dict or type(wire) is list else None
+        if encoded is not None and len(encoded) <= SPLIT_THRESHOLD:
+            # What _split would decide (kept as it is), indexed by the encoding it needed.
+            postings.append((key, _index_text(encoded)))
+        else:
+            wire = _split(wire, key, blocks, force_inline=(key == "data"))
+            wire_fields[key] = wire
+            postings.append((key, index_value(wire)))
         if key == "data" and type(wire) is dict:
             postings.extend((f"data.{dk}", index_value(dv)) for dk, dv in wire.items())
     for role, items in (("input_cid", inputs), ("output_cid", outputs)):
@@ -345,9 +355,19 @@ def build_record(
         record["input_cid"] = _links(prepared.inputs)
     if prepared.outputs:
         record["output_cid"] = _links(prepared.outputs)
-    signature = sign(SIGNING_DOMAIN + dumps_wire(record))
-    record["sig"] = {"/": {"bytes": base64.b64encode(signature).decode("ascii").rstrip("=")}}
-    data = dumps_wire(record)
+    # Canonical order is sorted keys, so the signed record is the unsigned one with the
+    # ``sig`` entry spliced in between the keys below and above "sig": encode the two halves
+    # once and build both byte strings from them instead of encoding the record twice.
+    low: dict[str, Any] = {}
+    high: dict[str, Any] = {}
+    for key, value in record.items():
+        (low if key < "sig" else high)[key] = value
+    lo = dumps_wire(low)[1:-1]
+    hi = dumps_wire(high)[1:-1]
+    unsigned = b"{" + lo + b"," + hi + b"}" if lo and hi else b"{" + lo + hi + b"}"
+    signature = sign(SIGNING_DOMAIN + unsigned)
+    sig = b'"sig":{"/":{"bytes":"' + base64.b64encode(signature).rstrip(b"=") + b'"}}'
+    data = b"{" + (lo + b"," if lo else b"") + sig + (b"," + hi if hi else b"") + b"}"
     if len(data) > MAX_BLOCK_SIZE:
         raise EncodingError(
             f"record encodes to {len(data)} bytes, over the {MAX_BLOCK_SIZE}-byte block limit; "
