@@ -23,14 +23,8 @@ Tables:
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from pathlib import Path
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: SQLite's own locking alone
-    fcntl = None  # type: ignore[assignment]
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 120_000
@@ -74,31 +68,3 @@ def connect(path: Path) -> sqlite3.Connection:
     # copy; doing it 10x less often cut the per-record commit from ~100 us to ~70 us here.
     conn.execute("PRAGMA wal_autocheckpoint=10000")
     return conn
-
-
-class WriterLock:
-    """An ``flock`` beside the database, taken around every write transaction.
-
-    SQLite's busy handler *polls* (sleeping 1, 2, 5, 10 ms ...), so under contention from
-    several processes writers lose most races and throughput collapses; a kernel lock wakes
-    the next writer the moment the previous one commits. Writers that do not take it (the
-    sqlite3 shell) are still serialised correctly by SQLite itself.
-    """
-
-    def __init__(self, db_path: Path) -> None:
-        self._fd: int | None = None
-        if fcntl is not None:
-            self._fd = os.open(str(db_path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-
-    def acquire(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None

@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from node._writer_lock import WriterLock
 from node.config import datasets_enabled_mode
 from node.errors import (
     BlockNotFoundError,
@@ -65,7 +66,7 @@ from ._records import (
     prepare,
     signing_message,
 )
-from ._schema import DDL, SCHEMA_VERSION, WriterLock, connect
+from ._schema import DDL, SCHEMA_VERSION, connect
 
 if TYPE_CHECKING:
     from node.config import NodeConfig

@@ -71,6 +71,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from node._writer_lock import WriterLock
 from node.errors import (
     AlreadyClaimedError,
     ConflictError,
@@ -85,7 +86,6 @@ from node.errors import (
     TaskStateError,
 )
 from node.tasks import _model as m
-from node.tasks._lock import WriterLock
 from node.tasks._rows import (
     COL_NAMES,
     COLS,

@@ -1,13 +1,14 @@
-"""A cross-process writer lock beside the database file.
+"""A cross-process writer lock beside a SQLite database file (used by the task queue and the
+provenance index).
 
 SQLite serialises writers itself, but a writer that finds the database busy *polls*: its busy
-handler sleeps 1, 2, 5, 10 ... ms between tries. Task-queue transactions hold the lock for
-tens of microseconds, so under contention the sleepers lose every race and several worker
-processes end up slower than one. ``flock`` waits in the kernel and wakes the next waiter the
-moment the lock is released, so every TaskQueue (in any process) takes this lock around
-``BEGIN IMMEDIATE``. It is only a fast hand-over, not what makes claims safe: that is SQLite's
-own write lock plus the guarded UPDATEs, so non-cooperating writers (the sqlite3 shell,
-another program) are still handled correctly, through ``busy_timeout``.
+handler sleeps 1, 2, 5, 10 ... ms between tries. Our transactions hold the lock for tens of
+microseconds, so under contention the sleepers lose every race and several processes end up
+slower than one. ``flock`` waits in the kernel and wakes the next waiter the moment the lock is
+released, so every writer (in any process) takes this lock around ``BEGIN IMMEDIATE``. It is
+only a fast hand-over, not what makes writes safe: that is SQLite's own write lock, so
+non-cooperating writers (the sqlite3 shell, another program) are still handled correctly,
+through ``busy_timeout``.
 """
 
 from __future__ import annotations
