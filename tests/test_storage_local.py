@@ -100,6 +100,62 @@ def test_corrupt_file_block_fails_get_file(cache_dir: Path, tmp_path: Path) -> N
     store.close()
 
 
+def test_corrupt_dag_pb_leaf_fails_get_file(cache_dir: Path, tmp_path: Path) -> None:
+    """CIDv0 leaves are sliced out of their frame without decoding; a changed byte still
+    fails the hash check, names the leaf and leaves nothing at dest."""
+    store = LocalBlockStore(cache_dir / "blocks")
+    with BlockService(store) as svc:
+        data = random.Random(6).randbytes(5 * CHUNK_SIZE + 1234)
+        src = tmp_path / "src.bin"
+        src.write_bytes(data)
+        root = svc.add_file(src)
+        out = tmp_path / "ok.bin"
+        svc.get_file(root, out)
+        assert out.read_bytes() == data
+        leaf = parse_cid(next(c for c in store.iter_cids("dag-pb") if store.size(c) > INLINE_MAX))
+        path = store.block_path(leaf.digest)
+        os.chmod(path, 0o644)
+        with open(path, "r+b") as f:
+            f.seek(5000)
+            f.write(b"\x00\x01\x02")
+        dest = tmp_path / "out" / "restored.bin"
+        with pytest.raises(CorruptBlockError) as err:
+            svc.get_file(root, dest)
+        # the error names the leaf as the DAG links it (CIDv0 "Qm...")
+        assert err.value.cid.startswith("Qm") and err.value.cid in str(err.value)
+        assert parse_cid(err.value.cid).digest == leaf.digest
+        assert not dest.exists() and not list(dest.parent.iterdir())
+        os.unlink(path)  # a missing file is named too
+        with pytest.raises(CorruptBlockError) as err:
+            svc.get_file(root, dest)
+        assert parse_cid(err.value.cid).digest == leaf.digest
+        assert not list(dest.parent.iterdir())
+    store.close()
+
+
+def test_get_file_reads_blocks_larger_than_a_chunk(cache_dir: Path, tmp_path: Path) -> None:
+    """Blocks from other importers may exceed 256 KiB: the read buffer grows for them."""
+    from node.storage import _dagpb
+
+    store = LocalBlockStore(cache_dir / "blocks")
+    with BlockService(store) as svc:
+        rnd = random.Random(8)
+        parts = [rnd.randbytes(n) for n in (3 * CHUNK_SIZE + 7, 1000, 2 * CHUNK_SIZE)]
+        kids = [parse_cid(store.put(p)) for p in parts]
+        sizes = [len(p) for p in parts]
+        node = _dagpb.encode_node(
+            [_dagpb.PBLink(k.binary(), "", n) for k, n in zip(kids, sizes, strict=True)],
+            _dagpb.encode_unixfs(
+                _dagpb.UnixFSData(_dagpb.FILE, filesize=sum(sizes), blocksizes=sizes)
+            ),
+        )
+        root = store.put(node, codec="dag-pb")
+        dest = tmp_path / "big.bin"
+        svc.get_file(root, dest)
+        assert dest.read_bytes() == b"".join(parts)
+    store.close()
+
+
 def test_dedup_second_version_adds_only_new_chunks(cache_dir: Path, tmp_path: Path) -> None:
     store = LocalBlockStore(cache_dir / "blocks")
     with BlockService(store) as svc:

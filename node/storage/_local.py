@@ -21,6 +21,9 @@ adds therefore run at about the disk's write+fsync bandwidth. SQLite runs with
 ``synchronous=NORMAL`` in WAL mode: a process crash loses nothing committed; a power loss may
 lose the last commits (those blocks are then absent and can be added again) but never corrupts.
 Every read re-hashes the bytes: a corrupt block raises CorruptBlockError naming the CID.
+Bulk reads (``read_into``, used by get_file) open a block's file directly, without an index
+lookup: files only ever appear complete (rename) and the hash decides; a missing file or a
+mismatch falls back to the index, which tells inline, absent and corrupt blocks apart.
 
 Concurrency: every method is thread-safe (one SQLite connection per thread). Several processes
 may share one store: rows are ``INSERT OR IGNORE``, temp names are unique per writer, renames
@@ -36,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import sqlite3
@@ -91,6 +95,7 @@ class LocalBlockStore:
     def __init__(self, blocks_dir: str | os.PathLike[str], *, fsync: bool | None = None) -> None:
         self.root = Path(blocks_dir)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root_str = os.fspath(self.root)
         self.fsync = _env_fsync() if fsync is None else fsync
         self._db_path = self.root / "index.sqlite"
         self._local = threading.local()
@@ -102,7 +107,7 @@ class LocalBlockStore:
         self._session_lock = threading.Lock()
         self._session_depth = 0
         self._session_fd: int | None = None
-        self._tmp_seq = 0
+        self._tmp_seq = itertools.count(1)  # next() is atomic under the GIL
         conn = self._conn()
         conn.execute("PRAGMA journal_mode=WAL")
         with conn:
@@ -221,7 +226,7 @@ class LocalBlockStore:
         """Store a block whose digest the caller computed (and verified)."""
         row: tuple[bytes, int, int, bytes | None]
         if size > INLINE_MAX:
-            if not self.has_digest(digest):
+            if not self.has_file_block(digest):
                 self.write_file(digest, pieces)
                 self.sync_dirs([digest])
             row = (digest, code, size, None)
@@ -245,16 +250,15 @@ class LocalBlockStore:
 
     def write_file(self, digest: bytes, pieces: tuple[Any, ...]) -> None:
         """Atomically write one block file (temp, fsync, rename); no index row yet."""
-        final = self.block_path(digest)
-        shard = final.parent
-        with self._session_lock:
-            self._tmp_seq += 1
-            seq = self._tmp_seq
-        tmp = shard / f".{final.name}.{os.getpid()}.{threading.get_ident()}.{seq}.tmp"
+        # plain strings, not Path objects: this runs once per 256 KiB chunk
+        h = digest.hex()
+        shard = f"{self._root_str}/{h[:2]}"
+        final = f"{shard}/{h}"
+        tmp = f"{shard}/.{h}.{os.getpid()}.{threading.get_ident()}.{next(self._tmp_seq)}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
         except FileNotFoundError:
-            shard.mkdir(parents=True, exist_ok=True)
+            os.makedirs(shard, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
         try:
             total = sum(len(p) for p in pieces)
@@ -318,7 +322,17 @@ class LocalBlockStore:
             return False
         # A file-backed row whose file vanished (deleted by hand) is treated as absent so the
         # next put repairs it.
-        return not row[0] or self.block_path(digest).exists()
+        h = digest.hex()
+        return not row[0] or os.path.exists(f"{self._root_str}/{h[:2]}/{h}")
+
+    def has_file_block(self, digest: bytes) -> bool:
+        """``has_digest`` for a block too big to be inline: a stat answers most calls.
+
+        No file means not stored (``has_digest`` says the same); only a file that exists needs
+        its index row checked.
+        """
+        h = digest.hex()
+        return os.path.exists(f"{self._root_str}/{h[:2]}/{h}") and self.has_digest(digest)
 
     def has(self, cid: str | CID) -> bool:
         return self.has_digest(parse_cid(cid).digest)
@@ -354,8 +368,16 @@ class LocalBlockStore:
     def read_into(self, c: CID, buf: bytearray) -> memoryview:
         """Read and verify ``c`` into ``buf`` (grown if needed); returns a view of the bytes.
 
-        The get_file pipeline uses this to avoid a copy per 256 KiB block.
+        The get_file pipeline uses this to avoid a copy per 256 KiB block. A file-backed block
+        is read straight from its file, without an index lookup: the hash check decides, and a
+        file is only ever renamed into place complete. Inline blocks (and blocks without a
+        file) go through the index.
         """
+        view = self._read_file_into(c.digest, buf)
+        if view is not None:
+            if hashlib.sha256(view).digest() == c.digest:
+                return view
+            del view  # a mismatch: re-read carefully below before calling it corrupt
         row = self._conn().execute(
             "SELECT size, data FROM blocks WHERE digest=?", (c.digest,)
         ).fetchone()
@@ -384,6 +406,33 @@ class LocalBlockStore:
         if hashlib.sha256(view).digest() != c.digest:
             raise CorruptBlockError(str(c))
         return view
+
+    def _read_file_into(self, digest: bytes, buf: bytearray) -> memoryview | None:
+        """The bytes of ``digest``'s block file read into ``buf`` (unverified), or None.
+
+        One open and usually one read: a read shorter than ``buf`` is the end of a regular
+        file; a full one grows ``buf`` and goes on.
+        """
+        h = digest.hex()
+        try:
+            fd = os.open(f"{self._root_str}/{h[:2]}/{h}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            n = 0
+            while True:
+                if n == len(buf):
+                    buf.extend(bytes(max(len(buf), 1 << 16)))
+                with memoryview(buf) as mv:
+                    got = os.readv(fd, [mv[n:]])
+                if not got:
+                    break
+                n += got
+                if n < len(buf):
+                    break
+        finally:
+            os.close(fd)
+        return memoryview(buf)[:n]
 
     def iter_cids(self, codec: str | None = None) -> Iterator[str]:
         """Every stored block as a CIDv1 string, optionally only one codec."""

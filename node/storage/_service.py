@@ -87,8 +87,8 @@ class BlockService:
         self.timeout = timeout
         self.kubo: KuboClient | None = KuboClient(ipfs_api, timeout) if ipfs_api else None
         # Hashing releases the GIL and durable writes wait on fsync: a few more threads than
-        # cores keep the CPUs busy, and durable adds want more fsyncs in flight (the journal
-        # commits concurrent fsyncs together: 8 threads add ~1.3x faster than 4 on 2 cores).
+        # cores keep the CPUs busy, and durable adds want more fsyncs in flight to keep the
+        # disk queue full (8 threads add ~1.3x faster than 4 on the 2-core VM).
         self._cpu_threads = min(8, max(4, (os.cpu_count() or 2) + 2))
         self._workers = workers or (8 if local.fsync else self._cpu_threads)
         self._pool: ThreadPoolExecutor | None = None

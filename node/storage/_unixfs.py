@@ -13,11 +13,18 @@ buffers; hashing and block writes run in a small thread pool (hashlib releases t
 large buffers) while the next chunks are read, so memory is ``in_flight * 256 KiB`` whatever the
 file size. Tree nodes are built as soon as 174 siblings exist, so only one partial node per
 level is ever held.
+
+Export writes a file with a few threads that share the DAG walk: each reads a block into its
+own buffer, checks its hash, and pwrites the bytes at the offset the parent node gives, so
+hashing (GIL released) and page-cache writes overlap on both cores. Kubo-framed dag-pb leaves
+are sliced, not decoded. Output goes to a temp file renamed into place only when every block
+has been verified and written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import stat
@@ -72,6 +79,12 @@ def _read_full(f: BinaryIO, buf: bytearray) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=64)
+def _leaf_frame(n: int) -> tuple[bytes, bytes]:
+    """``file_leaf_parts`` for ``n`` bytes, cached: nearly every leaf is 256 KiB."""
+    return _dagpb.file_leaf_parts(n)
+
+
 class Importer:
     """Adds files and folders into a LocalBlockStore. One instance per add call."""
 
@@ -114,7 +127,7 @@ class Importer:
     def _put_small(self, block: bytes, codec: str) -> CID:
         digest = hashlib.sha256(block).digest()
         if len(block) > INLINE_MAX:
-            if not self.store.has_digest(digest):
+            if not self.store.has_file_block(digest):
                 self.store.write_file(digest, (block,))
                 self._queue_row((digest, CODECS[codec], len(block), None))
         else:
@@ -144,7 +157,7 @@ class Importer:
             pieces: tuple[bytes | memoryview, ...] = (mv,)
             code = CODECS["raw"]
         else:
-            head, tail = _dagpb.file_leaf_parts(n)
+            head, tail = _leaf_frame(n)
             pieces = (head, mv, tail)
             code = CODECS["dag-pb"]
         h = hashlib.sha256()
@@ -153,7 +166,7 @@ class Importer:
         digest = h.digest()
         size = sum(len(p) for p in pieces)
         if size > INLINE_MAX:
-            if self.store.has_digest(digest):
+            if self.store.has_file_block(digest):
                 return digest, size, None  # dedup: the block is already stored
             self.store.write_file(digest, pieces)
             return digest, size, (digest, code, size, None)
@@ -449,6 +462,65 @@ def file_node(
     return data, children
 
 
+def _leaf_data(c: CID, block: memoryview, expect: int | None) -> memoryview | None:
+    """The file bytes of a leaf, sliced out without decoding; None when not a plain leaf.
+
+    Raw leaves are their bytes. A dag-pb leaf as Kubo writes it is a fixed header, the bytes
+    and a fixed trailer (``file_leaf_parts``): when ``block`` is exactly that frame around
+    ``expect`` bytes, decoding it would give the same answer; anything else is decoded.
+    """
+    if c.codec == "raw":
+        if expect is not None and len(block) != expect:
+            raise CorruptBlockError(str(c), f"holds {len(block)} bytes, parent says {expect}")
+        return block
+    if expect is None or c.codec != "dag-pb":
+        return None
+    head, tail = _leaf_frame(expect)
+    h, t = len(head), len(tail)
+    if (
+        len(block) != h + expect + t
+        or block[:h] != head
+        or block[h + expect :] != tail
+    ):
+        return None
+    return block[h : h + expect]
+
+
+class _Walk:
+    """The blocks still to visit in one file export, shared by the threads writing it."""
+
+    def __init__(self, todo: list[tuple[CID, int, int | None]]) -> None:
+        self.todo = todo  # a stack: children are pushed in reverse, so popped in order
+        self.busy = 0
+        self.error: BaseException | None = None
+        self.cond = threading.Condition(threading.Lock())
+
+    def take(self) -> tuple[CID, int, int | None] | None:
+        """The next block, or None when all are done (or one failed)."""
+        with self.cond:
+            while not self.todo and self.busy and self.error is None:
+                self.cond.wait()  # a busy thread may still push children
+            if self.error is not None or not self.todo:
+                return None
+            self.busy += 1
+            return self.todo.pop()
+
+    def done(self, children: list[tuple[CID, int, int]]) -> None:
+        with self.cond:
+            self.busy -= 1
+            self.todo.extend(reversed(children))  # type: ignore[arg-type]
+            if children or not self.busy:
+                self.cond.notify_all()
+
+    def fail(self, exc: BaseException, *, busy: bool = True) -> None:
+        """Stop every thread; ``busy``: the caller held a block from ``take``."""
+        with self.cond:
+            self.busy -= busy
+            if self.error is None:
+                self.error = exc
+            self.cond.notify_all()
+
+
 def iter_file(c: CID, get_block: GetBlock) -> Iterator[memoryview]:
     """The bytes of a UnixFS file, in order, block by block."""
     stack: list[tuple[CID, int | None]] = [(c, None)]
@@ -479,14 +551,22 @@ class Exporter:
         self.progress = progress
 
     def _node_job(
-        self, c: CID, offset: int, expect: int | None, buf: bytearray, fd: int
+        self, c: CID, offset: int, expect: int | None, buf: bytearray, fd: int,
+        write_lock: threading.Lock,
     ) -> list[tuple[CID, int, int]]:
-        """Read, verify and write one block (runs in the pool); returns its children."""
+        """Read, verify and write one block; returns its children with their offsets."""
         view = self.read_into(c, buf)  # verified against the CID
-        data, children = file_node(c, view, expect)
+        data = _leaf_data(c, view, expect)
+        children: list[tuple[CID, int]] = []
+        if data is None:
+            data, children = file_node(c, view, expect)
         n, written = len(data), 0
-        while written < n:
-            written += os.pwrite(fd, data[written:], offset + written)
+        # Buffered writes to one file serialise on its inode lock anyway, and kernel waiters
+        # spin for it; waiting here sleeps instead, leaving the core to another thread's hash.
+        with write_lock:
+            while written < n:
+                written += os.pwrite(fd, data[written:], offset + written)
+        del data, view  # release ``buf`` before it is reused (it may need to grow)
         if self.progress is not None and n:
             self.progress(n)
         out, pos = [], offset + n
@@ -496,32 +576,41 @@ class Exporter:
         return out
 
     def write_file_fd(self, c: CID, fd: int, size: int) -> None:
-        """Write the file ``c`` (``size`` bytes) into ``fd``; blocks are verified in the pool.
+        """Write the file ``c`` (``size`` bytes) into ``fd``; every block is verified first.
 
-        Blocks land at their own offsets, so the pool may finish them in any order; the queue
-        of blocks still to visit is walked depth first, which bounds it by 174 x depth.
+        A few threads (this one plus up to ``in_flight - 1`` from the pool) share a stack of
+        blocks still to visit; each reads a block into its own buffer, hashes it (hashlib
+        drops the GIL), and pwrites its bytes at the offset the parent gave it, so hashing and
+        writing overlap and memory stays at one block buffer per thread. The stack is worked
+        depth first, which bounds it by 174 x depth. The first error stops every thread.
         """
         os.ftruncate(fd, size)
-        free = [bytearray(CHUNK_SIZE + 64) for _ in range(self.in_flight)]
-        todo: deque[tuple[CID, int, int | None]] = deque([(c, 0, size)])
-        jobs: deque[tuple[Future[list[tuple[CID, int, int]]], bytearray]] = deque()
+        walk = _Walk([(c, 0, size)])
+        write_lock = threading.Lock()
+
+        def work() -> None:
+            buf = bytearray(CHUNK_SIZE + 1024)
+            while (item := walk.take()) is not None:
+                try:
+                    children = self._node_job(item[0], item[1], item[2], buf, fd, write_lock)
+                except BaseException as exc:
+                    walk.fail(exc)
+                    return
+                walk.done(children)
+
+        helpers = [self.pool.submit(work) for _ in range(self.in_flight - 1)]
         try:
-            while todo or jobs:
-                if todo and free:
-                    cid, offset, expect = todo.popleft()
-                    buf = free.pop()
-                    jobs.append(
-                        (self.pool.submit(self._node_job, cid, offset, expect, buf, fd), buf)
-                    )
-                    continue
-                fut, buf = jobs.popleft()
-                children = fut.result()
-                free.append(buf)
-                todo.extendleft(reversed(children))  # type: ignore[arg-type]
+            work()  # this thread works too: progress never depends on a free pool thread
+        except BaseException as exc:  # e.g. KeyboardInterrupt while waiting: stop the helpers
+            walk.fail(exc, busy=False)
+            raise
         finally:
-            for fut, _ in jobs:  # on error, let running jobs end before the fd is closed
-                with contextlib.suppress(Exception):
-                    fut.result()
+            for fut in helpers:  # helpers the pool has not started yet are not waited for
+                if not fut.cancel():
+                    with contextlib.suppress(Exception):
+                        fut.result()
+        if walk.error is not None:
+            raise walk.error
 
     def export(self, c: CID, dest: Path) -> None:
         block = self.get_block(c)
