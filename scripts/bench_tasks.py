@@ -161,7 +161,7 @@ def _drain(db: str, worker_id: str, start_at: float, out: mp.Queue) -> None:
 def lock_share(template: Path, workdir: Path) -> float:
     """Fraction of a single worker's claim -> complete time spent holding the writer lock:
     the serial part, so ``1 / share`` bounds the speed-up of any number of processes."""
-    from node.tasks import _lock
+    from node import _writer_lock as _lock
 
     db = workdir / "share.sqlite"
     shutil.copyfile(template, db)
