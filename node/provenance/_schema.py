@@ -26,6 +26,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from node._sqlite import enable_wal
+
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 120_000
 
@@ -59,7 +61,7 @@ def connect(path: Path) -> sqlite3.Connection:
     """A connection in autocommit mode; transactions are explicit ``BEGIN IMMEDIATE``."""
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=120)
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    conn.execute("PRAGMA journal_mode=WAL")
+    enable_wal(conn)
     conn.execute("PRAGMA synchronous=NORMAL")
     # Bounded page cache (8 MiB) per connection: memory stays flat as the index grows.
     conn.execute("PRAGMA cache_size=-8192")

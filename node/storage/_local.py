@@ -50,6 +50,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
+from node._sqlite import enable_wal
 from node.errors import BlockNotFoundError, CorruptBlockError, InvalidCIDError, StorageError
 
 from . import _dagpb
@@ -109,7 +110,7 @@ class LocalBlockStore:
         self._session_fd: int | None = None
         self._tmp_seq = itertools.count(1)  # next() is atomic under the GIL
         conn = self._conn()
-        conn.execute("PRAGMA journal_mode=WAL")
+        enable_wal(conn)
         with conn:
             conn.executescript(_SCHEMA)
 

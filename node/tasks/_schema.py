@@ -35,6 +35,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from node._sqlite import enable_wal
 from node.errors import StorageError
 
 SCHEMA_VERSION = 1
@@ -106,7 +107,7 @@ def connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         conn.execute("PRAGMA page_size = 2048")  # only takes effect while the file is empty
         conn.execute("PRAGMA cache_size = -65536")  # KiB
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = enable_wal(conn, busy_timeout)
         if str(mode).lower() != "wal":
             raise StorageError(
                 f"task database {path} cannot use WAL mode (got {mode!r}); "
