@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -192,6 +193,35 @@ def test_queries_filters_time_ranges_order_and_limit(logger: ProvenanceLogger) -
         logger.query_logs({"data.a.b": 1})
     with pytest.raises(InvalidArgumentError):
         logger.query_logs({}, limit=0)
+
+
+def test_filter_on_the_whole_data_value(logger: ProvenanceLogger) -> None:
+    """A data map is matched exactly: same members, same values, no extra members."""
+    big = [0.5] * 400  # split out into its own block: matched by content all the same
+    a = logger.log_inference("m", {"x": 1, "y": "two"})
+    b = logger.log_inference("m", {"x": 1, "y": "two", "z": None})
+    c = logger.log_inference("m", {"x": 1, "emb": big})
+    empty = logger.log_inference("m", {})
+    got = lambda f: [r["cid"] for r in logger.query_logs(f, limit=None)]  # noqa: E731
+    assert got({"data": {"y": "two", "x": 1}}) == [a]
+    assert got({"data": {"x": 1, "y": "two", "z": None}}) == [b]
+    assert got({"data": {"x": 1, "emb": big}}) == [c]
+    assert got({"data": {}}) == [empty]
+    assert got({"data": {"x": 1}}) == []
+    assert got({"data": {"x": 1.0, "y": "two"}}) == [a]  # numbers compare like Python
+    assert got({"data": "x"}) == []
+
+
+def test_an_index_of_an_older_schema_is_rebuilt(offline: dict[str, Any]) -> None:
+    with ProvenanceLogger(offline) as lg:
+        cids = [lg.log_inference("m", {"i": i}) for i in range(5)]
+        db = lg.config.provenance_db
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE meta SET value='1' WHERE key='schema'")
+    with ProvenanceLogger(offline) as lg:
+        assert [r["cid"] for r in lg.query_logs({"data": {"i": 3}})] == [cids[3]]
+        assert lg.verify()["records"] == 5
+    assert list(db.parent.glob(db.name + ".old-*")), "the old file is kept beside the new one"
 
 
 def test_cid_filters_accept_v0_and_v1(logger: ProvenanceLogger) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from node._sqlite import enable_wal
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a data map is indexed by its shape, not a hash
 BUSY_TIMEOUT_MS = 120_000
 
 DDL = """

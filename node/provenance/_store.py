@@ -13,9 +13,10 @@ Writing one record (``append``) -- the order is what makes it crash-safe and for
 
 ``catch_up`` moves journal entries into SQLite (record rows with the exact block bytes, and
 the postings that answer filters) and into the local block store (one transaction), then
-empties the journal. It runs every ``BATCH`` records in the appender, within ``FLUSH_AFTER``
-seconds in a background thread, and first thing in every query, lineage, verify, count, get
-and close -- in whichever process gets there first. So a record is queryable from any process
+empties the journal once it holds nothing else. It runs in a background thread beside the
+appends (woken every ``BATCH`` records, at the latest after ``FLUSH_AFTER`` seconds; an
+appender that gets ``MAX_BEHIND`` records ahead helps), and first thing in every query,
+lineage, verify, count, get and close -- in whichever process gets there first. So a record is queryable from any process
 as soon as its call returned, and the per-record cost is a ``write()`` instead of an SQLite
 transaction (measured ~150-250 us here, most of the budget). Replays are harmless (rows and
 blocks are content-addressed and inserted idempotently), so a crash at any point loses nothing
@@ -59,6 +60,7 @@ from ._records import (
     RESERVED,
     build_record,
     cid_key,
+    data_filter,
     filter_key,
     index_value,
     link_keys,
@@ -80,11 +82,21 @@ _DAG_JSON_CODE = CODECS["dag-json"]
 _COUNT_CAP = 256
 # The appender catches up (postings + blocks) once this many records are unindexed.
 BATCH = 256
+# ... and catches up itself (backpressure) when the indexer is this far behind.
+MAX_BEHIND = 16 * BATCH
+# Journal size past which catch-up empties it even while appends keep coming.
+ROTATE_AT = 16 << 20
 CATCH_UP_CHUNK = 2000
 # ... and a background thread does it for records older than this many seconds.
 FLUSH_AFTER = 0.5
+# json_each batches need SQLite's JSON functions (built in since 3.38).
+_JSON_BATCH = sqlite3.sqlite_version_info >= (3, 38, 0)
 _RECORD_COLUMNS = {"node": "node", "seq": "seq", "cid": "cid", "ts": "ts", "prev": "prev"}
 _REQUIRED = {"type": str, "ts": int, "node": str, "seq": int, "sig": bytes}
+
+
+class _OldSchema(Exception):
+    """The index file was written by an older dsi: it is rebuilt from the blocks."""
 
 
 def _now_ms() -> int:
@@ -135,6 +147,10 @@ class ProvenanceStore:
         self._unindexed = 0
         self._flusher: threading.Thread | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._catch_lock = threading.Lock()  # one catch-up at a time in this process
+        self._index_flock = WriterLock(self._db_path.with_name(self._db_path.name + ".index"))
+        self._absorbed: tuple[int, int] = (-1, 0)  # (generation, offset) known to be indexed
         self._in_kubo: set[str] = set()
         self._kubo_behind = False
         self._head_cache: tuple[int, int, tuple[int, str | None, int]] | None = None
@@ -146,6 +162,9 @@ class ProvenanceStore:
         self._conns_lock = threading.Lock()
         self._closed = False
         self._writer = self._open_writer()
+        self._indexer = connect(self._db_path)  # used only under _catch_lock
+        with self._conns_lock:
+            self._conns.append(self._indexer)
         self.repair()  # entries a killed writer logged but did not index yet
 
     # ------------------------------------------------------------------ connections, schema
@@ -153,21 +172,40 @@ class ProvenanceStore:
         try:
             conn = connect(self._db_path)
             self._init(conn)
-        except sqlite3.DatabaseError as exc:
-            if "not a database" not in str(exc) and "malformed" not in str(exc):
+        except (sqlite3.DatabaseError, _OldSchema) as exc:
+            if isinstance(exc, sqlite3.DatabaseError) and (
+                "not a database" not in str(exc) and "malformed" not in str(exc)
+            ):
                 raise StorageError(f"provenance index {self._db_path}: {exc}") from exc
-            # The index is only a cache of the blocks: move the broken file aside, rebuild.
+            # The index is only a cache of the blocks: move the old file aside, rebuild.
+            with contextlib.suppress(NameError, sqlite3.Error):
+                conn.close()
             stamp = time.strftime("%Y%m%dT%H%M%S")
-            log.warning("provenance index %s is unreadable (%s); rebuilding", self._db_path, exc)
-            for suffix in ("", "-wal", "-shm"):
-                p = self._db_path.with_name(self._db_path.name + suffix)
-                if p.exists():
-                    p.rename(p.with_name(f"{p.name}.corrupt-{stamp}"))
+            log.warning("provenance index %s: %s; rebuilding it from the record blocks (the old "
+                        "file is kept beside it and can be deleted)", self._db_path, exc)
+            self._flock.acquire()  # one process moves it; the others then find the new file
+            try:
+                if not self._fresh_schema():
+                    for suffix in ("", "-wal", "-shm"):
+                        p = self._db_path.with_name(self._db_path.name + suffix)
+                        if p.exists():
+                            p.rename(p.with_name(f"{p.name}.old-{stamp}"))
+            finally:
+                self._flock.release()
             conn = connect(self._db_path)
             self._init(conn)
         with self._conns_lock:
             self._conns.append(conn)
         return conn
+
+    def _fresh_schema(self) -> bool:
+        """Does the file at the index path now hold this schema (another process rebuilt it)?"""
+        try:
+            with contextlib.closing(sqlite3.connect(str(self._db_path), timeout=120)) as conn:
+                row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        except sqlite3.DatabaseError:
+            return False
+        return row is not None and int(row[0]) == SCHEMA_VERSION
 
     def _init(self, conn: sqlite3.Connection) -> None:
         with self._write_txn(conn):
@@ -176,6 +214,9 @@ class ProvenanceStore:
             row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 conn.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) < SCHEMA_VERSION:
+                raise _OldSchema(f"index schema {row[0]} is older than this dsi's "
+                                 f"{SCHEMA_VERSION}")
             elif int(row[0]) != SCHEMA_VERSION:
                 raise StorageError(
                     f"{self._db_path} has provenance index schema {row[0]}, this dsi expects "
@@ -274,7 +315,7 @@ class ProvenanceStore:
                    json.dumps(outputs) if outputs else None)
             self._fresh[(gen, size)] = (cid, data, (row, prepared.postings))
             self._unindexed += 1
-            due = self._unindexed >= BATCH
+            behind = self._unindexed
             if self._flusher is None:
                 self._flusher = threading.Thread(
                     target=self._flush_loop, name="dsi-provenance-flush", daemon=True
@@ -292,8 +333,10 @@ class ProvenanceStore:
                 if self._kubo_behind:
                     # Kubo is back after an outage: push a few old records per append.
                     self._kubo_behind = self.sync(limit=16)["remaining"] > 0
-        if due:
-            self.catch_up()
+        if behind >= MAX_BEHIND:
+            self.catch_up()  # backpressure: the indexer fell far behind, help it
+        elif behind >= BATCH:
+            self._wake.set()
         return cid, bool(reached)
 
     def _head_locked(self) -> tuple[int, str | None, int]:
@@ -350,9 +393,13 @@ class ProvenanceStore:
         return gen, _journal.HEADER  # a generation the index has not seen: all of it is new
 
     def _flush_loop(self) -> None:
-        """Bound how long a logged record waits for its block and postings (``FLUSH_AFTER``):
-        bursts are caught up every ``BATCH`` records by the appender, a lone record here."""
-        while not self._stop.wait(FLUSH_AFTER):
+        """The indexer: woken every ``BATCH`` records by the appender (and at the latest after
+        ``FLUSH_AFTER`` for a lone record), it runs ``catch_up`` beside the appends."""
+        while not self._stop.is_set():
+            self._wake.wait(FLUSH_AFTER)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             if self._unindexed:
                 try:
                     self.catch_up()
@@ -414,19 +461,43 @@ class ProvenanceStore:
             " body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
-        conn.executemany("INSERT OR IGNORE INTO postings VALUES (?, ?, ?, ?)", postings)
+        if _JSON_BATCH:
+            # One statement for the whole batch instead of one step per posting (~8 a record):
+            # SQLite runs it without the GIL, so appends in other threads go on meanwhile.
+            conn.execute(
+                "INSERT OR IGNORE INTO postings SELECT json_extract(value, '$[0]'),"
+                " json_extract(value, '$[1]'), json_extract(value, '$[2]'),"
+                " json_extract(value, '$[3]') FROM json_each(?)",
+                (json.dumps(postings, ensure_ascii=False, separators=(",", ":")),),
+            )
+        else:
+            conn.executemany("INSERT OR IGNORE INTO postings VALUES (?, ?, ?, ?)", postings)
         return [(r[0], r[1]) for r in rows]
 
     def catch_up(self) -> int:
         """Move journal entries (of any process) into the index and the block store.
 
-        Idempotent: rows and postings are ``INSERT OR IGNORE``, blocks content-addressed.
+        Three steps, so that appends go on while SQLite works (on another core: sqlite3
+        releases the GIL): a snapshot of the unabsorbed entries under the writer lock (a
+        ``pread``), then blocks and index rows outside it, then, when the journal holds
+        nothing else (or has grown past ``ROTATE_AT``), emptying it under the lock again.
+        Idempotent and safe against other processes doing the same: the index transaction
+        re-reads the ``journal`` watermark and skips what another catch-up absorbed.
         Returns how many records were newly indexed.
         """
         if self._closed:
             raise ProvenanceError("the provenance store is closed")
         if self._journal_absorbed():
             return 0
+        with self._catch_lock:
+            gen, valid_end, items = self._snapshot()
+            n = self._absorb(gen, valid_end, items) if items else 0
+            n += self._maybe_rotate(gen, valid_end)
+        return n
+
+    def _snapshot(self) -> tuple[int, int, list[tuple[int, str, bytes, Any]]]:
+        """``(generation, end offset, entries)`` not yet absorbed, as ``(end, cid, bytes,
+        precomputed row or None)``."""
         with self._wlock:
             self._flock.acquire()
             try:
@@ -436,39 +507,92 @@ class ProvenanceStore:
                 if valid_end < size:
                     log.warning("provenance journal: cutting a torn tail at offset %d", valid_end)
                     self._journal.truncate(valid_end)
-                items: list[tuple[str, bytes, Any]] = []
-                for end, body in entries:
-                    known = self._fresh.pop((gen, end), None)
-                    # The bytes check makes the shortcut safe by construction: the precomputed
-                    # CID and row are used only for exactly the record they were made from.
-                    if known is not None and known[1] == body:
-                        items.append((known[0], body, known[2]))
-                    else:
-                        items.append((cid_for(body), body, None))
-                n = 0
-                if items:
-                    # Blocks before the index rows: a crash in between only means a replay.
-                    self._store_blocks([(c, b) for c, b, _ in items])
-                    conn = self._writer
-                    conn.execute("BEGIN IMMEDIATE")
-                    try:
-                        inserted = self._index_records(conn, items)
-                        n = len(inserted)
-                        self._advance_kubo_upto(conn, inserted)
-                        conn.execute(
-                            "INSERT OR REPLACE INTO meta VALUES ('journal', ?)",
-                            (f"{gen}:{valid_end}",),
-                        )
-                        conn.execute("COMMIT")
-                    except BaseException:
-                        conn.execute("ROLLBACK")
-                        raise
-                if valid_end > _journal.HEADER:
-                    self._journal.rotate(gen + 1)
-                    self._head_cache = None
                 self._unindexed = 0
-                if len(self._fresh) > 4 * BATCH:  # entries another process indexed first
-                    self._fresh.clear()
+                return gen, valid_end, self._items(gen, entries)
+            finally:
+                self._flock.release()
+
+    def _items(
+        self, gen: int, entries: list[tuple[int, bytes]]
+    ) -> list[tuple[int, str, bytes, Any]]:
+        items: list[tuple[int, str, bytes, Any]] = []
+        fresh = self._fresh
+        for end, body in entries:
+            known = fresh.pop((gen, end), None)
+            # The bytes check makes the shortcut safe by construction: the precomputed CID
+            # and row are used only for exactly the record they were made from.
+            if known is not None and known[1] == body:
+                items.append((end, known[0], body, known[2]))
+            else:
+                items.append((end, cid_for(body), body, None))
+        if len(fresh) > 64 * BATCH:  # entries another process indexed first
+            fresh.clear()
+        return items
+
+    def _absorb(self, gen: int, valid_end: int, items: list[tuple[int, str, bytes, Any]]) -> int:
+        """Blocks, then index rows and the watermark in one transaction (``_catch_lock``
+        held). Blocks first: a crash in between only means a replay."""
+        self._store_blocks([(c, b) for _, c, b, _ in items])
+        conn = self._indexer
+        self._index_flock.acquire()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute("SELECT value FROM meta WHERE key='journal'").fetchone()
+                meta_gen, meta_off = (int(x) for x in row[0].split(":")) if row else (-1, 0)
+                if meta_gen > gen:
+                    items = []  # rotated since: another catch-up absorbed all of these
+                elif meta_gen == gen:
+                    items = [it for it in items if it[0] > meta_off]
+                inserted = self._index_records(conn, [(c, b, k) for _, c, b, k in items])
+                self._advance_kubo_upto(conn, inserted)
+                if (gen, valid_end) > (meta_gen, meta_off):
+                    conn.execute(
+                        "INSERT OR REPLACE INTO meta VALUES ('journal', ?)", (f"{gen}:{valid_end}",)
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        finally:
+            self._index_flock.release()
+        self._absorbed = (gen, valid_end)
+        return len(inserted)
+
+    def _maybe_rotate(self, gen: int, valid_end: int) -> int:
+        """Empty the journal once the index holds all of it. Under steady appends it is never
+        quite empty, so past ``ROTATE_AT`` the last few entries are absorbed under the lock
+        (a short pause for appenders) to let it shrink. Returns records indexed doing so."""
+        if valid_end <= _journal.HEADER:
+            return 0
+        size = self._journal.size()
+        if size != valid_end and size < ROTATE_AT:
+            return 0
+        n = 0
+        with self._wlock:
+            self._flock.acquire()
+            try:
+                if self._journal.generation() != gen:
+                    return 0  # another process rotated it
+                size = self._journal.size()
+                if size != valid_end:
+                    if size < ROTATE_AT:
+                        return 0
+                    entries, tail_end = self._journal.read(valid_end, size)
+                    if tail_end < size:
+                        log.warning("provenance journal: cutting a torn tail at offset %d",
+                                    tail_end)
+                        self._journal.truncate(tail_end)
+                    if entries:
+                        n = self._absorb(gen, tail_end, self._items(gen, entries))
+                    self._unindexed = 0
+                row = self._writer.execute(
+                    "SELECT value FROM meta WHERE key='journal'").fetchone()
+                if row is None or row[0] != f"{gen}:{self._journal.size()}":
+                    return n  # not all absorbed after all (e.g. an index rebuild in between)
+                self._journal.rotate(gen + 1)
+                self._head_cache = None
+                self._absorbed = (gen + 1, _journal.HEADER)
             finally:
                 self._flock.release()
         return n
@@ -476,7 +600,9 @@ class ProvenanceStore:
     def _journal_absorbed(self) -> bool:
         """Cheap lock-free check: is there nothing in the journal to move into the index?"""
         size = self._journal.size()
-        return size <= _journal.HEADER and self._journal.generation() > 0
+        if size <= _journal.HEADER:
+            return self._journal.generation() > 0
+        return self._absorbed == (self._journal.generation(), size)
 
     def _store_blocks(self, items: list[tuple[str, bytes]]) -> None:
         """Put record blocks into the local store (one transaction; known blocks skipped)."""
@@ -725,6 +851,9 @@ class ProvenanceStore:
                 postings.append([("type", filter_key("type", value))])
             elif name in LINK_FIELDS:
                 postings.append([(name, cid_key(value))])
+            elif name == "data":
+                # Always the top-level field (a member named "data" is "data.data").
+                postings.extend([posting] for posting in data_filter(value))
             elif name.startswith("data.") and "." not in name[5:] and len(name) > 5:
                 postings.append([(name, filter_key(name, value))])
             elif "." in name:
@@ -1024,6 +1153,7 @@ class ProvenanceStore:
         if self._closed:
             return
         self._stop.set()
+        self._wake.set()
         if self._flusher is not None and self._flusher is not threading.current_thread():
             self._flusher.join(timeout=10)
         try:
@@ -1037,6 +1167,7 @@ class ProvenanceStore:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
         self._flock.close()
+        self._index_flock.close()
         self._journal.close()
 
 

@@ -14,10 +14,15 @@ Layout, chosen by measurement on this project's 2-core VM (ext4):
   and would funnel every chunk through one writer lock.
 
 Durability policy (``fsync``, default on; ``DSI_STORAGE_FSYNC=0`` or ``fsync=False`` turns it
-off): each block file is fsynced by the worker that wrote it (several in parallel, so the
-journal commits them together), and each touched shard directory once per batch of index rows,
-*before* those rows commit: a row never points at bytes a power loss could take away. Durable
-adds therefore run at about the disk's write+fsync bandwidth. SQLite runs with
+off): block files and their directory entries are on disk *before* the index rows that name
+them commit, so a row never points at bytes a power loss could take away. Bulk writes (an add,
+``put_many``) write their files to the page cache and, before each batch of rows commits, flush
+the filesystem once with Linux ``syncfs`` -- measured here at 1.4-2x the throughput of an fsync
+per 256 KiB file even with 8 in flight, and close to one big file's write+fsync, because the
+filesystem journal commits once per batch instead of once per file. (It also flushes other
+programs' dirty data on that filesystem, which is why single-block puts keep per-file fsync.)
+Where ``syncfs`` is missing, each file is fsynced by the worker that wrote it (several in
+parallel) and each touched shard directory once per batch. SQLite runs with
 ``synchronous=NORMAL`` in WAL mode: a process crash loses nothing committed; a power loss may
 lose the last commits (those blocks are then absent and can be added again) but never corrupts.
 Every read re-hashes the bytes: a corrupt block raises CorruptBlockError naming the CID.
@@ -37,15 +42,17 @@ with ``put()`` is not protected until a pin or a record references it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import itertools
 import json
 import os
 import sqlite3
+import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
@@ -85,6 +92,23 @@ CREATE TABLE IF NOT EXISTS pending (   -- roots stored locally but not yet in Ku
 """
 
 
+def _load_syncfs() -> Callable[[int], int] | None:
+    """libc ``syncfs(fd)`` (Linux >= 2.6.39), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_SYNCFS = _load_syncfs()
+
+
 def _env_fsync() -> bool:
     value = os.environ.get("DSI_STORAGE_FSYNC", "1").strip().lower()
     return value not in ("0", "false", "no", "off")
@@ -98,6 +122,9 @@ class LocalBlockStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._root_str = os.fspath(self.root)
         self.fsync = _env_fsync() if fsync is None else fsync
+        # Batched durability (see the module docstring): files of a bulk write are made durable
+        # together by one syncfs before their rows commit.
+        self.batch_sync = self.fsync and _SYNCFS is not None
         self._db_path = self.root / "index.sqlite"
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
@@ -206,7 +233,7 @@ class LocalBlockStore:
                 digest = hashlib.sha256(data).digest()
                 cids.append(format_cid(1, codec, digest))
                 if len(data) > INLINE_MAX:
-                    self.write_file(digest, (data,))
+                    self.write_file(digest, (data,), batched=True)
                     rows.append((digest, code, len(data), None))
                 else:
                     rows.append((digest, code, len(data), bytes(data)))
@@ -249,8 +276,12 @@ class LocalBlockStore:
                     (digest, code, time.time()),
                 )
 
-    def write_file(self, digest: bytes, pieces: tuple[Any, ...]) -> None:
-        """Atomically write one block file (temp, fsync, rename); no index row yet."""
+    def write_file(self, digest: bytes, pieces: tuple[Any, ...], *, batched: bool = False) -> None:
+        """Atomically write one block file (temp, fsync, rename); no index row yet.
+
+        ``batched``: the caller commits the row through ``index``, which makes the file
+        durable (``syncfs``) first, so no fsync of its own when that is available.
+        """
         # plain strings, not Path objects: this runs once per 256 KiB chunk
         h = digest.hex()
         shard = f"{self._root_str}/{h[:2]}"
@@ -267,7 +298,7 @@ class LocalBlockStore:
             while written < total:  # short writes are legal; finish the rest
                 rest = b"".join(bytes(p) for p in pieces)[written:]
                 written += os.write(fd, rest)
-            if self.fsync:
+            if self.fsync and not (batched and self.batch_sync):
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -300,6 +331,18 @@ class LocalBlockStore:
             for _ in pool.map(sync_one, shards):
                 pass
 
+    def sync_filesystem(self) -> None:
+        """Flush everything written to the store's filesystem (files and renames) to disk."""
+        assert _SYNCFS is not None
+        fd = os.open(self._root_str, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _SYNCFS(fd) != 0:
+                err = ctypes.get_errno()
+                raise StorageError(f"syncfs of {self.root} failed: {os.strerror(err)}; the "
+                                   "blocks just written may not be on disk")
+        finally:
+            os.close(fd)
+
     def index(
         self, rows: list[tuple[bytes, int, int, bytes | None]], pool: Executor | None = None
     ) -> None:
@@ -308,7 +351,10 @@ class LocalBlockStore:
             return
         file_digests = [r[0] for r in rows if r[3] is None]
         if file_digests:
-            self.sync_dirs(file_digests, pool)
+            if self.batch_sync:
+                self.sync_filesystem()
+            else:
+                self.sync_dirs(file_digests, pool)
         with self._tx() as conn:
             conn.executemany(
                 "INSERT OR IGNORE INTO blocks(digest, codec, size, data) VALUES (?,?,?,?)", rows

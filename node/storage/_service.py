@@ -87,10 +87,11 @@ class BlockService:
         self.timeout = timeout
         self.kubo: KuboClient | None = KuboClient(ipfs_api, timeout) if ipfs_api else None
         # Hashing releases the GIL and durable writes wait on fsync: a few more threads than
-        # cores keep the CPUs busy, and durable adds want more fsyncs in flight to keep the
-        # disk queue full (8 threads add ~1.3x faster than 4 on the 2-core VM).
+        # cores keep the CPUs busy; durable adds without syncfs want more fsyncs in flight to
+        # keep the disk queue full (8 threads add ~1.3x faster than 4 on the 2-core VM).
         self._cpu_threads = min(8, max(4, (os.cpu_count() or 2) + 2))
-        self._workers = workers or (8 if local.fsync else self._cpu_threads)
+        per_file_fsync = local.fsync and not local.batch_sync
+        self._workers = workers or (8 if per_file_fsync else self._cpu_threads)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._probe: tuple[float, dict[str, Any] | None] | None = None
@@ -360,8 +361,11 @@ class BlockService:
         with self.local.write_session():
             imp = _unixfs.Importer(self.local, self.pool, cid_version=cid_version,
                                    in_flight=2 * self._workers, progress=progress)
-            node = imp.add_file(p)
-            imp.flush()
+            try:
+                node = imp.add_file(p)
+                imp.flush()
+            finally:
+                imp.wait()  # no commit outlives the call, even a failed one
             if pin:
                 self.local.pin(node.cid, recursive=True, check=False)
         return StoredCID(str(node.cid), self._publish(node.cid, pin))
@@ -372,8 +376,11 @@ class BlockService:
         with self.local.write_session():
             imp = _unixfs.Importer(self.local, self.pool, cid_version=cid_version,
                                    in_flight=2 * self._workers)
-            node = imp.add_stream(io.BytesIO(data))  # type: ignore[arg-type]
-            imp.flush()
+            try:
+                node = imp.add_stream(io.BytesIO(data))  # type: ignore[arg-type]
+                imp.flush()
+            finally:
+                imp.wait()  # no commit outlives the call, even a failed one
             if pin:
                 self.local.pin(node.cid, recursive=True, check=False)
         return StoredCID(str(node.cid), self._publish(node.cid, pin))
@@ -391,8 +398,11 @@ class BlockService:
         with self.local.write_session():
             imp = _unixfs.Importer(self.local, self.pool, cid_version=cid_version,
                                    in_flight=2 * self._workers, progress=progress)
-            node = imp.add_directory(p, recursive=recursive)
-            imp.flush()
+            try:
+                node = imp.add_directory(p, recursive=recursive)
+                imp.flush()
+            finally:
+                imp.wait()  # no commit outlives the call, even a failed one
             if pin:
                 self.local.pin(node.cid, recursive=True, check=False)
         return StoredCID(str(node.cid), self._publish(node.cid, pin))

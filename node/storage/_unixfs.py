@@ -54,6 +54,10 @@ MAX_LINKS = 174
 # batch. Bounded by count (file-backed rows are tiny) and by the inline bytes they carry.
 _COMMIT_ROWS = 1024
 _COMMIT_INLINE_BYTES = 8 << 20
+# With batched durability (syncfs) a batch also ends after this many bytes of block files, and
+# its syncfs + commit run in the pool while the next batch is read, hashed and written: the
+# disk flushes one batch while the CPUs fill the page cache with the next.
+_COMMIT_FILE_BYTES = 32 << 20
 
 Row = tuple[bytes, int, int, "bytes | None"]
 
@@ -107,6 +111,8 @@ class Importer:
         self.progress = progress
         self._rows: list[Row] = []
         self._inline_bytes = 0
+        self._file_bytes = 0
+        self._commit: Future[None] | None = None  # the batch being synced and committed
         self.new_blocks = 0
         self.bytes_read = 0
 
@@ -116,19 +122,37 @@ class Importer:
             self._rows.append(row)
             if row[3] is not None:
                 self._inline_bytes += len(row[3])
+            else:
+                self._file_bytes += row[2]
         if len(self._rows) >= _COMMIT_ROWS or self._inline_bytes >= _COMMIT_INLINE_BYTES:
             self.flush()
+        elif self.store.batch_sync and self._file_bytes >= _COMMIT_FILE_BYTES:
+            rows = self._take_rows()
+            self.wait()  # batches commit in order, one in flight
+            self._commit = self.pool.submit(self.store.index, rows)
+
+    def _take_rows(self) -> list[Row]:
+        rows, self._rows = self._rows, []
+        self._inline_bytes = self._file_bytes = 0
+        return rows
 
     def flush(self) -> None:
-        """Commit queued index rows (their files are already fsynced)."""
-        rows, self._rows, self._inline_bytes = self._rows, [], 0
+        """Commit every queued index row (after making their files durable)."""
+        rows = self._take_rows()
+        self.wait()
         self.store.index(rows, self.pool)
+
+    def wait(self) -> None:
+        """Wait for the batch committing in the background (raises its error)."""
+        commit, self._commit = self._commit, None
+        if commit is not None:
+            commit.result()
 
     def _put_small(self, block: bytes, codec: str) -> CID:
         digest = hashlib.sha256(block).digest()
         if len(block) > INLINE_MAX:
             if not self.store.has_file_block(digest):
-                self.store.write_file(digest, (block,))
+                self.store.write_file(digest, (block,), batched=True)
                 self._queue_row((digest, CODECS[codec], len(block), None))
         else:
             self._queue_row((digest, CODECS[codec], len(block), block))
@@ -168,7 +192,7 @@ class Importer:
         if size > INLINE_MAX:
             if self.store.has_file_block(digest):
                 return digest, size, None  # dedup: the block is already stored
-            self.store.write_file(digest, pieces)
+            self.store.write_file(digest, pieces, batched=True)
             return digest, size, (digest, code, size, None)
         return digest, size, (digest, code, size, b"".join(bytes(p) for p in pieces))
 
