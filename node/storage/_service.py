@@ -358,32 +358,13 @@ class BlockService:
     ) -> StoredCID:
         """Import a file (Kubo-identical CID), pin it, and publish it to Kubo if it answers."""
         p = _input_path(path)
-        with self.local.write_session():
-            imp = _unixfs.Importer(self.local, self.pool, cid_version=cid_version,
-                                   in_flight=2 * self._workers, progress=progress)
-            try:
-                node = imp.add_file(p)
-                imp.flush()
-            finally:
-                imp.wait()  # no commit outlives the call, even a failed one
-            if pin:
-                self.local.pin(node.cid, recursive=True, check=False)
-        return StoredCID(str(node.cid), self._publish(node.cid, pin))
+        return self._import(lambda imp: imp.add_file(p), pin, cid_version, progress)
 
     def add_bytes(self, data: bytes, *, pin: bool = True, cid_version: int = 0) -> StoredCID:
         import io
 
-        with self.local.write_session():
-            imp = _unixfs.Importer(self.local, self.pool, cid_version=cid_version,
-                                   in_flight=2 * self._workers)
-            try:
-                node = imp.add_stream(io.BytesIO(data))  # type: ignore[arg-type]
-                imp.flush()
-            finally:
-                imp.wait()  # no commit outlives the call, even a failed one
-            if pin:
-                self.local.pin(node.cid, recursive=True, check=False)
-        return StoredCID(str(node.cid), self._publish(node.cid, pin))
+        stream = io.BytesIO(data)
+        return self._import(lambda imp: imp.add_stream(stream), pin, cid_version, None)
 
     def add_directory(
         self,
@@ -395,11 +376,23 @@ class BlockService:
         progress: Callable[[int], None] | None = None,
     ) -> StoredCID:
         p = _input_path(path)
+        return self._import(
+            lambda imp: imp.add_directory(p, recursive=recursive), pin, cid_version, progress
+        )
+
+    def _import(
+        self,
+        build: Callable[[_unixfs.Importer], _unixfs.DagNode],
+        pin: bool,
+        cid_version: int,
+        progress: Callable[[int], None] | None,
+    ) -> StoredCID:
+        """Run one import under the gc session: build the DAG, commit its rows, pin, publish."""
         with self.local.write_session():
             imp = _unixfs.Importer(self.local, self.pool, cid_version=cid_version,
                                    in_flight=2 * self._workers, progress=progress)
             try:
-                node = imp.add_directory(p, recursive=recursive)
+                node = build(imp)
                 imp.flush()
             finally:
                 imp.wait()  # no commit outlives the call, even a failed one
