@@ -132,8 +132,10 @@ def test_late_complete_through_the_facade_is_refused(cache_dir: Path) -> None:
             time.sleep(0.05)
             grant = fast.get_next_task("fast", [])
         assert grant["attempt"] == 2
+        assert slow.get_status()["leases_held"] == 1
         with pytest.raises(LeaseExpiredError):
             slow.complete_task("t", {"by": "slow"})
+        assert slow.get_status()["leases_held"] == 0  # a lease that is gone is forgotten
         assert fast.complete_task("t", {"by": "fast"})["result"] == {"by": "fast"}
         assert slow.get_task_status("t")["worker_id"] == "fast"
 

@@ -26,11 +26,11 @@ it. The record's CID is returned as ``provenance_cid`` in the status dict.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from node.errors import DatasetsError, LeaseError
+from node.errors import DatasetsError
+from node.tasks.router import HeldLease, TaskRouter
 
 from ._facade import Facade
 
@@ -50,25 +50,15 @@ def _cid_or_none(value: Any) -> str | None:
     return value if is_cid(value) else None
 
 
-class _Lease:
-    __slots__ = ("claimed_at", "lease_id", "worker_id")
-
-    def __init__(self, lease_id: str, worker_id: str, claimed_at: float) -> None:
-        self.lease_id = lease_id
-        self.worker_id = worker_id
-        self.claimed_at = claimed_at
-
-
 class WorkflowCoordinator(Facade):
     """Task coordination for workers (``WorkflowCoordinator(config=None, **kw)``)."""
 
     def __init__(self, config: Any = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
-        # Leases granted to this object, so callers may omit lease_id (task_id -> lease).
-        self._leases: dict[str, _Lease] = {}
-        self._leases_lock = threading.Lock()
+        # Routes each call (local queue or P2P node) and remembers the leases granted to this
+        # object, so callers may omit lease_id.
+        self._router = TaskRouter(lambda: self.services.tasks, self._p2p)
 
-    # ------------------------------------------------------------------ routing
     @property
     def tasks(self) -> TaskQueue:
         """The node's local queue (also reachable for advanced use: listeners, counts)."""
@@ -77,35 +67,6 @@ class WorkflowCoordinator(Facade):
     def _p2p(self) -> P2PHandle | None:
         """The P2P handle when ``enable_p2p`` is on (started on first use), else None."""
         return self.services.p2p() if self.config.enable_p2p else None
-
-    def _remember(self, grant: dict[str, Any] | None, worker_id: str) -> None:
-        if grant is not None:
-            with self._leases_lock:
-                self._leases[grant["task_id"]] = _Lease(
-                    grant["lease_id"], grant.get("worker_id") or worker_id, time.time()
-                )
-
-    def _held(self, task_id: str, lease_id: str | None) -> tuple[str | None, _Lease | None]:
-        """(lease id to present, our record of it) -- ``lease_id`` defaults to ours."""
-        with self._leases_lock:
-            held = self._leases.get(task_id)
-        if lease_id is None:
-            return (held.lease_id if held else None), held
-        return lease_id, (held if held is not None and held.lease_id == lease_id else None)
-
-    def _require_lease(self, task_id: str, lease_id: str | None) -> None:
-        if lease_id is None:
-            self.get_task_status(task_id)  # NotFoundError for an unknown id comes first
-            raise LeaseError(
-                f"this coordinator holds no lease on task {task_id!r}; pass the lease_id "
-                "returned by get_next_task"
-            )
-
-    def _forget(self, task_id: str, lease_id: str | None) -> None:
-        with self._leases_lock:
-            held = self._leases.get(task_id)
-            if held is not None and held.lease_id == lease_id:
-                del self._leases[task_id]
 
     # ------------------------------------------------------------------ the seed's calls
     def submit_task(
@@ -132,24 +93,11 @@ class WorkflowCoordinator(Facade):
     ) -> dict[str, Any] | None:
         """Claim the best task for this worker, or None (``capabilities`` default: config)."""
         caps = list(self.config.capabilities) if capabilities is None else capabilities
-        p2p = self._p2p()
-        if p2p is not None:
-            grant = p2p.get_next_task(worker_id, caps)
-        else:
-            grant = self.tasks.claim_next(worker_id, caps)
-        self._remember(grant, worker_id)
-        return grant
+        return self._router.claim_next(worker_id, caps)
 
     def heartbeat(self, task_id: str, lease_id: str | None = None) -> float:
         """Renew the lease; returns the new expiry (unix seconds)."""
-        lease_id, held = self._held(task_id, lease_id)
-        p2p = self._p2p()
-        worker = held.worker_id if held else None
-        if p2p is not None:
-            return p2p.heartbeat(task_id, lease_id, worker)
-        self._require_lease(task_id, lease_id)
-        assert lease_id is not None
-        return self.tasks.heartbeat(task_id, lease_id, worker_id=worker)
+        return self._router.heartbeat(task_id, lease_id)
 
     def complete_task(
         self,
@@ -159,16 +107,7 @@ class WorkflowCoordinator(Facade):
         result_cid: str | None = None,
     ) -> dict[str, Any]:
         """Finish a task with a JSON result (and the CID of a larger output, if any)."""
-        lease_id, held = self._held(task_id, lease_id)
-        worker = held.worker_id if held else None
-        p2p = self._p2p()
-        if p2p is not None:
-            status = p2p.complete_task(task_id, result, lease_id, result_cid, worker)
-        else:
-            self._require_lease(task_id, lease_id)
-            assert lease_id is not None
-            status = self.tasks.complete(task_id, lease_id, result, result_cid, worker_id=worker)
-        self._forget(task_id, lease_id)
+        status, held = self._router.complete(task_id, result, lease_id, result_cid)
         status["provenance_cid"] = self._record_execution(status, held, "completed", result)
         return status
 
@@ -180,16 +119,7 @@ class WorkflowCoordinator(Facade):
         lease_id: str | None = None,
     ) -> dict[str, Any]:
         """Report a failed attempt; retried with backoff while attempts remain."""
-        lease_id, held = self._held(task_id, lease_id)
-        worker = held.worker_id if held else None
-        p2p = self._p2p()
-        if p2p is not None:
-            status = p2p.fail_task(task_id, error, retryable, lease_id, worker)
-        else:
-            self._require_lease(task_id, lease_id)
-            assert lease_id is not None
-            status = self.tasks.fail(task_id, lease_id, error, retryable, worker_id=worker)
-        self._forget(task_id, lease_id)
+        status, held = self._router.fail(task_id, error, retryable, lease_id)
         status["provenance_cid"] = self._record_execution(status, held, "failed", None, error)
         return status
 
@@ -199,10 +129,7 @@ class WorkflowCoordinator(Facade):
 
     def get_task_status(self, task_id: str) -> dict[str, Any]:
         """Status dict: status, attempt, worker_id, result, error, timestamps, ..."""
-        p2p = self._p2p()
-        if p2p is not None:
-            return p2p.get_task_status(task_id)
-        return self.tasks.status(task_id)
+        return self._router.status(task_id)
 
     def list_tasks(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Local tasks, optionally in one state, most recently submitted first."""
@@ -215,7 +142,7 @@ class WorkflowCoordinator(Facade):
             "enable_p2p": self.config.enable_p2p,
             "enable_provenance": self.config.enable_provenance,
             "capabilities": list(self.config.capabilities),
-            "leases_held": len(self._leases),
+            "leases_held": len(self._router.held_leases()),
         }
         if self.config.enable_p2p:
             out["p2p"] = self.services.p2p().status()
@@ -225,7 +152,7 @@ class WorkflowCoordinator(Facade):
     def _record_execution(
         self,
         status: dict[str, Any],
-        held: _Lease | None,
+        held: HeldLease | None,
         outcome: str,
         result: Any,
         error: Any = None,

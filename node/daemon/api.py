@@ -19,7 +19,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -27,12 +26,11 @@ from node.errors import (
     ConfigError,
     DatasetsError,
     InvalidArgumentError,
-    LeaseError,
     NotFoundError,
     PathNotFoundError,
     PeerError,
-    TaskStateError,
 )
+from node.tasks.router import TaskRouter
 
 if TYPE_CHECKING:
     from node.config import NodeConfig
@@ -54,17 +52,6 @@ def p2p_off_error(what: str) -> DatasetsError:
     )
 
 
-@dataclass
-class _HeldLease:
-    """A lease this node handed out through ``claim`` and that is still open."""
-
-    task_id: str
-    lease_id: str
-    worker_id: str
-    remote: bool
-    expires_at: float  # unix seconds; renewed by heartbeats
-
-
 class NodeAPI:
     """All node operations over one ``NodeServices`` (and its P2P handle when running)."""
 
@@ -78,8 +65,8 @@ class NodeAPI:
         self.services = services
         self.settings = settings
         self.daemon = daemon  # pid, started_at, control_url when inside `dsi-node run`
-        self._held: dict[str, _HeldLease] = {}
-        self._held_lock = threading.Lock()
+        self._router = TaskRouter(lambda: self.services.tasks, lambda: self.p2p)
+        self._listener_lock = threading.Lock()
         self._accepting = True
         self._task_event = threading.Condition()
         self._listening = False
@@ -102,7 +89,7 @@ class NodeAPI:
 
     def _ensure_task_listener(self) -> None:
         """Wake long-polling claims when a task becomes pending (submit, requeue)."""
-        with self._held_lock:
+        with self._listener_lock:
             if self._listening:
                 return
             self._listening = True
@@ -123,11 +110,10 @@ class NodeAPI:
     def held_leases(self) -> list[dict[str, Any]]:
         """Open leases handed out by ``claim``; ones long expired (their worker died) are
         dropped: the queue has already given those tasks to someone else."""
-        cutoff = time.time() - _HELD_GRACE
-        with self._held_lock:
-            for tid in [t for t, h in self._held.items() if h.expires_at < cutoff]:
-                del self._held[tid]
-            return [dict(vars(h)) for h in self._held.values()]
+        return [
+            {k: v for k, v in vars(h).items() if k != "claimed_at"}
+            for h in self._router.held_leases(expired_for=_HELD_GRACE)
+        ]
 
     def release_held_leases(self, reason: str) -> list[str]:
         """Hand back every lease still open (fail, retryable) so other workers get the tasks."""
@@ -139,8 +125,7 @@ class NodeAPI:
                 released.append(held["task_id"])
             except DatasetsError as exc:  # already finished, expired or owner unreachable
                 log.warning("could not hand back task %s: %s", held["task_id"], exc)
-                with self._held_lock:
-                    self._held.pop(held["task_id"], None)
+                self._router.forget(held["task_id"], held["lease_id"])
         return released
 
     # ------------------------------------------------------------------ identity & status
@@ -349,77 +334,26 @@ class NodeAPI:
                 self._task_event.wait(min(remaining, 0.5))
 
     def _claim_once(self, worker_id: str, capabilities: list[str]) -> dict[str, Any] | None:
-        handle = self.p2p
-        if handle is not None:
-            grant = handle.get_next_task(worker_id, capabilities)
-        else:
-            grant = self.services.tasks.claim_next(worker_id, capabilities)
+        grant = self._router.claim_next(worker_id, capabilities)
         if grant is None:
             return None
         grant = dict(grant)
         grant.setdefault("owner", self.services.peer_id)
-        remote = bool(grant.get("remote"))
-        with self._held_lock:
-            self._held[grant["task_id"]] = _HeldLease(
-                grant["task_id"], grant["lease_id"], worker_id, remote,
-                float(grant.get("lease_expires_at") or time.time() + 60))
         return grant
-
-    def _forget(self, task_id: str, lease_id: str) -> None:
-        with self._held_lock:
-            held = self._held.get(task_id)
-            if held is not None and held.lease_id == lease_id:
-                del self._held[task_id]
 
     def heartbeat(self, task_id: str, lease_id: str,
                   worker_id: str | None = None) -> dict[str, Any]:
-        handle = self.p2p
-        try:
-            if handle is not None:  # routes held remote tasks to their owner
-                expires = handle.heartbeat(task_id, lease_id, worker_id)
-            else:
-                expires = self.services.tasks.heartbeat(task_id, lease_id, worker_id=worker_id)
-        except (LeaseError, TaskStateError, NotFoundError):
-            self._forget(task_id, lease_id)
-            raise
-        with self._held_lock:
-            held = self._held.get(task_id)
-            if held is not None and held.lease_id == lease_id:
-                held.expires_at = float(expires)
+        expires = self._router.heartbeat(task_id, lease_id, worker_id)
         return {"task_id": task_id, "lease_expires_at": expires}
 
     def complete(self, task_id: str, lease_id: str, result: Any = None,
                  result_cid: str | None = None,
                  worker_id: str | None = None) -> dict[str, Any]:
-        handle = self.p2p
-        try:
-            if handle is not None:
-                status = handle.complete_task(task_id, result, lease_id=lease_id,
-                                              result_cid=result_cid, worker_id=worker_id)
-            else:
-                status = self.services.tasks.complete(
-                    task_id, lease_id, result, result_cid=result_cid, worker_id=worker_id)
-        except (LeaseError, TaskStateError, NotFoundError):
-            self._forget(task_id, lease_id)
-            raise
-        self._forget(task_id, lease_id)
-        return dict(status)
+        return self._router.complete(task_id, result, lease_id, result_cid, worker_id)[0]
 
     def fail(self, task_id: str, lease_id: str, error: str, retryable: bool = True,
              worker_id: str | None = None) -> dict[str, Any]:
-        handle = self.p2p
-        try:
-            if handle is not None:
-                status = handle.fail_task(task_id, error, retryable=retryable,
-                                          lease_id=lease_id, worker_id=worker_id)
-            else:
-                status = self.services.tasks.fail(
-                    task_id, lease_id, error, retryable=retryable, worker_id=worker_id)
-        except (LeaseError, TaskStateError, NotFoundError):
-            self._forget(task_id, lease_id)
-            raise
-        self._forget(task_id, lease_id)
-        return dict(status)
+        return self._router.fail(task_id, error, retryable, lease_id, worker_id)[0]
 
     # ------------------------------------------------------------------ provenance
     def append(self, record_type: str, fields: dict[str, Any] | None = None,
