@@ -16,10 +16,10 @@ the postings that answer filters) and into the local block store (one transactio
 empties the journal once it holds nothing else. It runs in a background thread beside the
 appends (woken every ``BATCH`` records, at the latest after ``FLUSH_AFTER`` seconds; an
 appender that gets ``MAX_BEHIND`` records ahead helps), and first thing in every query,
-lineage, verify, count, get and close -- in whichever process gets there first. So a record is queryable from any process
-as soon as its call returned, and the per-record cost is a ``write()`` instead of an SQLite
-transaction (measured ~150-250 us here, most of the budget). Replays are harmless (rows and
-blocks are content-addressed and inserted idempotently), so a crash at any point loses nothing
+lineage, verify, count, get and close -- in whichever process gets there first. So a record
+is queryable from any process as soon as its call returned, and the caller pays a ``write()``
+instead of an SQLite transaction (~150-250 us here). Replays are harmless (rows and blocks
+are content-addressed and inserted idempotently), so a crash at any point loses nothing
 that was acknowledged, and no fork can happen: a record is chained only onto a journal entry
 or an index row that already exists.
 """
