@@ -70,15 +70,18 @@ def _parse_prefix(buf: bytes | bytearray, max_size: int) -> tuple[int, int] | No
     return None
 
 
-async def read_frame(reader: Reader, max_size: int = MAX_FRAME_SIZE) -> bytes:
-    """Read the one frame of a one-frame stream (at most ``max_size`` bytes of body).
+async def read_frame(
+    reader: Reader, max_size: int = MAX_FRAME_SIZE, buffered: bytes | bytearray = b""
+) -> bytes:
+    """Read the one frame of a one-frame stream (at most ``max_size`` bytes of body);
+    ``buffered`` is what an earlier read already took off the stream.
 
     The first read takes whatever is already there (up to 64 KiB), so a small request costs
     one read - over yamux every read sends a window update frame back, so byte-at-a-time
     prefix reads are expensive. Never reads more than prefix + ``max_size`` bytes; bytes after
     the frame are a protocol violation (one request, one response per stream).
     """
-    buf = bytearray()
+    buf = bytearray(buffered)
     parsed: tuple[int, int] | None = None
     while True:
         if parsed is None:
@@ -101,6 +104,31 @@ async def read_frame(reader: Reader, max_size: int = MAX_FRAME_SIZE) -> bytes:
                 raise FrameError("stream ended inside a frame's length prefix")
             raise FrameError(f"stream ended after {len(buf) - parsed[0]} of {parsed[1]} bytes")
         buf += chunk
+
+
+async def read_line(
+    reader: Reader, buf: bytearray, max_size: int = 1024
+) -> tuple[str, bytearray]:
+    """One multistream-select message (varint length, text, ``\\n``) from ``buf`` topped up
+    from ``reader``; returns it without the newline, and the bytes after it."""
+    while True:
+        parsed = _parse_prefix(buf, max_size)
+        if parsed is not None and len(buf) >= parsed[0] + parsed[1]:
+            header, length = parsed
+            body = bytes(buf[header : header + length])
+            if not body.endswith(b"\n"):
+                raise FrameError("multistream message does not end with a newline")
+            return body[:-1].decode("utf-8", "replace"), buf[header + length :]
+        chunk = await _read_some(reader, _FIRST_READ)
+        if not chunk:
+            raise FrameError("stream ended during protocol negotiation")
+        buf += chunk
+
+
+def encode_line(text: str) -> bytes:
+    """A multistream-select message: varint length, ``text``, newline."""
+    body = text.encode() + b"\n"
+    return encode_uvarint(len(body)) + body
 
 
 async def write_frame(writer: Writer, payload: bytes, max_size: int = MAX_FRAME_SIZE) -> None:

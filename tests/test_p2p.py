@@ -206,3 +206,24 @@ async def test_large_results_cross_and_oversized_ones_are_refused(tmp_path: Path
             await c.complete_task("huge", {"blob": "y" * 5_000_000})
         assert c.holds("huge")  # nothing was sent; the lease is still ours
         assert (await a.get_task_status("huge"))["status"] == "claimed"
+
+
+async def test_pipelined_negotiation_edge_cases(tmp_path: Path) -> None:
+    """The client pipelines multistream-select: a protocol the peer does not speak fails like
+    ``host.new_stream`` (StreamFailure, nothing hangs), and a request too big to send before
+    the protocol is accepted (> 64 KiB) still goes through after the echo."""
+    from libp2p.host.exceptions import StreamFailure
+
+    from protocols._exchange import exchange
+
+    async with start_nodes(tmp_path, [[], [0]]) as (a, b):
+        peer = a.host.get_id()
+        req = pb.TaskRequest(status=pb.StatusRequest(task_id="x"))
+        with pytest.raises(StreamFailure):
+            await exchange(b.host, peer, "/dsi/nope/1.0.0", req, pb.TaskResponse, timeout=5)
+        await a.submit_task(task_id="big", task_type="t", data={}, tags=["P2P_ELIGIBLE"])
+        grant = await b.client.claim(peer, "big", [])
+        result = b'{"blob": "' + b"x" * 200_000 + b'"}'  # sent after the protocol echo
+        ack = await b.client.complete(peer, "big", grant.lease_id, result)
+        assert ack.state == pb.TASK_STATE_COMPLETED
+        assert len((await a.get_task_status("big"))["result"]["blob"]) == 200_000
