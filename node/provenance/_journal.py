@@ -51,13 +51,14 @@ class Journal:
     def size(self) -> int:
         return os.fstat(self._fd).st_size
 
-    def append(self, body: bytes) -> int:
-        """Append one entry with a single ``write``; returns the journal size after it."""
+    def append(self, body: bytes, size: int) -> int:
+        """Append one entry with a single ``write`` to a journal of ``size`` bytes (the caller
+        holds the writer lock, so nobody else appends); returns the size after it."""
         entry = _ENTRY.pack(len(body), zlib.crc32(body)) + body
         written = os.write(self._afd, entry)
         if written != len(entry):  # pragma: no cover - regular files do not short-write
             raise OSError(f"short write to {self.path}: {written} of {len(entry)} bytes")
-        return self.size()
+        return size + written
 
     def read(self, start: int, end: int) -> tuple[list[tuple[int, bytes]], int]:
         """Entries in ``[start, end)`` as ``(offset after entry, body)`` and the offset where

@@ -83,7 +83,7 @@ _COUNT_CAP = 256
 # The appender catches up (postings + blocks) once this many records are unindexed.
 BATCH = 256
 # ... and catches up itself (backpressure) when the indexer is this far behind.
-MAX_BEHIND = 16 * BATCH
+MAX_BEHIND = 64 * BATCH  # bigger batches: fewer B-tree pages written per record
 # Journal size past which catch-up empties it even while appends keep coming.
 ROTATE_AT = 16 << 20
 CATCH_UP_CHUNK = 2000
@@ -155,6 +155,7 @@ class ProvenanceStore:
         self._kubo_behind = False
         self._head_cache: tuple[int, int, tuple[int, str | None, int]] | None = None
         self._head_gen = 0
+        self._head_size = 0  # journal size when the head was found (writer lock held)
         self._journal = _journal.Journal(
             self._db_path.with_name(self._db_path.name + ".journal")
         )
@@ -302,7 +303,7 @@ class ProvenanceStore:
                 cid, data = build_record(
                     prepared, node=self._node, seq=seq, ts=ts, prev=prev, sign=self._sign
                 )
-                size = self._journal.append(data)  # durable against SIGKILL from here on
+                size = self._journal.append(data, self._head_size)  # survives SIGKILL now
                 gen = self._head_gen
                 self._head_cache = (gen, size, (seq + 1, cid, ts))
             finally:
@@ -350,6 +351,7 @@ class ProvenanceStore:
         self._head_gen = gen
         cached = self._head_cache
         if cached is not None and cached[0] == gen and cached[1] == size:
+            self._head_size = size
             return cached[2]
         gen, _ = self._journal_state_locked()
         # Another writer appended since our last look: read only what it added.
@@ -373,6 +375,7 @@ class ProvenanceStore:
             head = (0, None, 0) if row is None else (row[0] + 1, row[1], row[2])
         self._head_cache = (gen, valid_end, head)
         self._head_gen = gen
+        self._head_size = valid_end
         return head
 
     def _journal_state_locked(self) -> tuple[int, int]:
@@ -525,7 +528,7 @@ class ProvenanceStore:
                 items.append((end, known[0], body, known[2]))
             else:
                 items.append((end, cid_for(body), body, None))
-        if len(fresh) > 64 * BATCH:  # entries another process indexed first
+        if len(fresh) > 2 * MAX_BEHIND:  # entries another process indexed first
             fresh.clear()
         return items
 
