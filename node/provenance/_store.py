@@ -91,6 +91,7 @@ CATCH_UP_CHUNK = 2000
 FLUSH_AFTER = 0.5
 # json_each batches need SQLite's JSON functions (built in since 3.38).
 _JSON_BATCH = sqlite3.sqlite_version_info >= (3, 38, 0)
+_JSON_SLICE = 4096  # postings per statement
 _RECORD_COLUMNS = {"node": "node", "seq": "seq", "cid": "cid", "ts": "ts", "prev": "prev"}
 _REQUIRED = {"type": str, "ts": int, "node": str, "seq": int, "sig": bytes}
 
@@ -467,12 +468,15 @@ class ProvenanceStore:
         if _JSON_BATCH:
             # One statement for the whole batch instead of one step per posting (~8 a record):
             # SQLite runs it without the GIL, so appends in other threads go on meanwhile.
-            conn.execute(
-                "INSERT OR IGNORE INTO postings SELECT json_extract(value, '$[0]'),"
-                " json_extract(value, '$[1]'), json_extract(value, '$[2]'),"
-                " json_extract(value, '$[3]') FROM json_each(?)",
-                (json.dumps(postings, ensure_ascii=False, separators=(",", ":")),),
-            )
+            # In slices, so the JSON text and SQLite's parse of it stay small (peak memory).
+            for i in range(0, len(postings), _JSON_SLICE):
+                conn.execute(
+                    "INSERT OR IGNORE INTO postings SELECT json_extract(value, '$[0]'),"
+                    " json_extract(value, '$[1]'), json_extract(value, '$[2]'),"
+                    " json_extract(value, '$[3]') FROM json_each(?)",
+                    (json.dumps(postings[i : i + _JSON_SLICE], ensure_ascii=False,
+                                separators=(",", ":")),),
+                )
         else:
             conn.executemany("INSERT OR IGNORE INTO postings VALUES (?, ?, ?, ?)", postings)
         return [(r[0], r[1]) for r in rows]
