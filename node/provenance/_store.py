@@ -83,6 +83,7 @@ _COUNT_CAP = 256
 # The appender catches up (postings + blocks) once this many records are unindexed.
 BATCH = 256
 # ... and catches up itself (backpressure) when the indexer is this far behind.
+ABSORB_CHUNK = 2048  # entries turned into rows at a time
 MAX_BEHIND = 64 * BATCH  # bigger batches: fewer B-tree pages written per record
 # Journal size past which catch-up empties it even while appends keep coming.
 ROTATE_AT = 16 << 20
@@ -502,9 +503,8 @@ class ProvenanceStore:
             n += self._maybe_rotate(gen, valid_end)
         return n
 
-    def _snapshot(self) -> tuple[int, int, list[tuple[int, str, bytes, Any]]]:
-        """``(generation, end offset, entries)`` not yet absorbed, as ``(end, cid, bytes,
-        precomputed row or None)``."""
+    def _snapshot(self) -> tuple[int, int, list[tuple[int, bytes]]]:
+        """``(generation, end offset, entries)`` not yet absorbed, as ``(end offset, bytes)``."""
         with self._wlock:
             self._flock.acquire()
             try:
@@ -515,13 +515,15 @@ class ProvenanceStore:
                     log.warning("provenance journal: cutting a torn tail at offset %d", valid_end)
                     self._journal.truncate(valid_end)
                 self._unindexed = 0
-                return gen, valid_end, self._items(gen, entries)
+                return gen, valid_end, entries
             finally:
                 self._flock.release()
 
     def _items(
         self, gen: int, entries: list[tuple[int, bytes]]
     ) -> list[tuple[int, str, bytes, Any]]:
+        """``(end, cid, bytes, precomputed row or None)`` of journal entries. Runs outside the
+        writer lock: appenders only add keys to ``_fresh`` and dict operations are atomic."""
         items: list[tuple[int, str, bytes, Any]] = []
         fresh = self._fresh
         for end, body in entries:
@@ -536,11 +538,14 @@ class ProvenanceStore:
             fresh.clear()
         return items
 
-    def _absorb(self, gen: int, valid_end: int, items: list[tuple[int, str, bytes, Any]]) -> int:
-        """Blocks, then index rows and the watermark in one transaction (``_catch_lock``
-        held). Blocks first: a crash in between only means a replay."""
-        self._store_blocks([(c, b) for _, c, b, _ in items])
+    def _absorb(self, gen: int, valid_end: int, entries: list[tuple[int, bytes]]) -> int:
+        """Blocks, index rows and the watermark, in one index transaction (``_catch_lock``
+        held), ``ABSORB_CHUNK`` entries at a time: a batch after a long lag can hold tens of
+        thousands of records, and building all their rows at once set the process's memory
+        high-water mark. Blocks of a chunk go in before its rows: a crash only means a replay.
+        """
         conn = self._indexer
+        inserted_total = 0
         self._index_flock.acquire()
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -548,11 +553,16 @@ class ProvenanceStore:
                 row = conn.execute("SELECT value FROM meta WHERE key='journal'").fetchone()
                 meta_gen, meta_off = (int(x) for x in row[0].split(":")) if row else (-1, 0)
                 if meta_gen > gen:
-                    items = []  # rotated since: another catch-up absorbed all of these
+                    entries = []  # rotated since: another catch-up absorbed all of these
                 elif meta_gen == gen:
-                    items = [it for it in items if it[0] > meta_off]
-                inserted = self._index_records(conn, [(c, b, k) for _, c, b, k in items])
-                self._advance_kubo_upto(conn, inserted)
+                    entries = [e for e in entries if e[0] > meta_off]
+                for i in range(0, len(entries), ABSORB_CHUNK):
+                    items = self._items(gen, entries[i : i + ABSORB_CHUNK])
+                    self._store_blocks([(c, b) for _, c, b, _ in items])
+                    inserted = self._index_records(conn, [(c, b, k) for _, c, b, k in items])
+                    self._advance_kubo_upto(conn, inserted)
+                    inserted_total += len(inserted)
+                    del items, inserted
                 if (gen, valid_end) > (meta_gen, meta_off):
                     conn.execute(
                         "INSERT OR REPLACE INTO meta VALUES ('journal', ?)", (f"{gen}:{valid_end}",)
@@ -564,7 +574,7 @@ class ProvenanceStore:
         finally:
             self._index_flock.release()
         self._absorbed = (gen, valid_end)
-        return len(inserted)
+        return inserted_total
 
     def _maybe_rotate(self, gen: int, valid_end: int) -> int:
         """Empty the journal once the index holds all of it. Under steady appends it is never
@@ -591,7 +601,7 @@ class ProvenanceStore:
                                     tail_end)
                         self._journal.truncate(tail_end)
                     if entries:
-                        n = self._absorb(gen, tail_end, self._items(gen, entries))
+                        n = self._absorb(gen, tail_end, entries)
                     self._unindexed = 0
                 row = self._writer.execute(
                     "SELECT value FROM meta WHERE key='journal'").fetchone()
