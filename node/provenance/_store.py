@@ -385,8 +385,7 @@ class ProvenanceStore:
         crash state rotation can leave. Caller holds the writer lock."""
         self._journal.ensure_header()
         gen, size = self._journal.generation(), self._journal.size()
-        row = self._writer.execute("SELECT value FROM meta WHERE key='journal'").fetchone()
-        meta_gen, meta_off = (int(x) for x in row[0].split(":")) if row else (-1, 0)
+        meta_gen, meta_off = _journal_mark(self._writer)
         if gen == meta_gen and size < meta_off:
             # Rotation truncated the file but died before bumping the generation: every entry
             # of this generation is in the index. Finish the rotation.
@@ -550,8 +549,7 @@ class ProvenanceStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                row = conn.execute("SELECT value FROM meta WHERE key='journal'").fetchone()
-                meta_gen, meta_off = (int(x) for x in row[0].split(":")) if row else (-1, 0)
+                meta_gen, meta_off = _journal_mark(conn)
                 if meta_gen > gen:
                     entries = []  # rotated since: another catch-up absorbed all of these
                 elif meta_gen == gen:
@@ -603,9 +601,7 @@ class ProvenanceStore:
                     if entries:
                         n = self._absorb(gen, tail_end, entries)
                     self._unindexed = 0
-                row = self._writer.execute(
-                    "SELECT value FROM meta WHERE key='journal'").fetchone()
-                if row is None or row[0] != f"{gen}:{self._journal.size()}":
+                if _journal_mark(self._writer) != (gen, self._journal.size()):
                     return n  # not all absorbed after all (e.g. an index rebuild in between)
                 self._journal.rotate(gen + 1)
                 self._head_cache = None
@@ -1189,6 +1185,15 @@ class ProvenanceStore:
 
 
 # ------------------------------------------------------------------------------ helpers
+def _journal_mark(conn: sqlite3.Connection) -> tuple[int, int]:
+    """``(generation, offset)`` of the journal the index has absorbed; ``(-1, 0)``: none."""
+    row = conn.execute("SELECT value FROM meta WHERE key='journal'").fetchone()
+    if row is None:
+        return -1, 0
+    gen, off = row[0].split(":")
+    return int(gen), int(off)
+
+
 def _statements(ddl: str) -> list[str]:
     return [s.strip() for s in ddl.split(";") if s.strip()]
 
