@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from ipfs_accelerate_py.datasets_integration import ProvenanceLogger
-from node.errors import VerificationError
-from node.identity import Identity
+from node.errors import ProvenanceError, VerificationError
+from node.identity import Identity, verify_signature
 from node.provenance import cid_for, decode, encode
 from node.provenance._journal import HEADER, MAGIC
 from node.provenance._records import build_record, prepare
@@ -264,3 +264,44 @@ def test_rotation_interrupted_between_truncate_and_bump_is_recovered(
 
 def _index_db_path(config: dict[str, Any]) -> sqlite3.Connection:
     return sqlite3.connect(Path(config["cache_dir"]) / "provenance.sqlite", isolation_level=None)
+
+
+def test_replayed_entry_is_skipped_and_a_forked_one_stops_catch_up(config: dict[str, Any]) -> None:
+    """Catch-up finds indexed records by chain position: an entry seen again (a replay after a
+    crash) is skipped; another record at a taken position (a fork, only possible by writing
+    the journal by hand) is refused with a clear error and nothing of its batch is indexed."""
+    with ProvenanceLogger(config) as lg:
+        store = lg.services.provenance
+        ident = lg.services.identity
+        first = lg.log_inference("m", {"i": 0})
+        second = lg.log_inference("m", {"i": 1})
+        store.catch_up()
+        journal = store._journal
+        replayed = lg.services.local_blocks.get(second)
+        journal.append(replayed, journal.size())
+        assert store.catch_up() == 0
+        with _index_db(lg) as db:
+            assert db.execute("SELECT count(*) FROM records").fetchone()[0] == 2
+
+        cid, forked = build_record(prepare("inference", {"model": "m", "data": {"i": 99}}),
+                                   node=ident.peer_id, seq=1, ts=lg.get_record(second)["ts"],
+                                   prev=first, sign=ident.sign)
+        journal.append(forked, journal.size())
+        with pytest.raises(ProvenanceError, match=f"fork: .* seq 1 is both {second} and {cid}"):
+            store.catch_up()
+        with _index_db(lg) as db:
+            assert db.execute("SELECT count(*) FROM records").fetchone()[0] == 2
+
+
+def test_fast_signer_matches_openssl_and_verifies() -> None:
+    """Records are signed with libsodium (speed); Ed25519 is deterministic, so its signatures
+    must be byte-identical to OpenSSL's and verify against the peer id."""
+    import os
+
+    for _ in range(20):
+        identity = Identity(os.urandom(32))
+        message = os.urandom(int.from_bytes(os.urandom(2), "big") % 2000)
+        fast = identity.signer().sign(message)
+        assert fast == identity.sign(message)
+        assert verify_signature(identity.peer_id, message, fast)
+        assert not verify_signature(identity.peer_id, message + b"x", fast)

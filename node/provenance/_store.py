@@ -15,7 +15,8 @@ Writing one record (``append``) -- the order is what makes it crash-safe and for
 the postings that answer filters) and into the local block store (one transaction), then
 empties the journal once it holds nothing else. It runs in a background thread beside the
 appends (woken every ``BATCH`` records, at the latest after ``FLUSH_AFTER`` seconds; an
-appender that gets ``MAX_BEHIND`` records ahead helps), and first thing in every query,
+appender that gets ``MAX_BEHIND`` records ahead waits until the indexer takes them, which
+bounds memory), and first thing in every query,
 lineage, verify, count, get and close -- in whichever process gets there first. So a record
 is queryable from any process as soon as its call returned, and the caller pays a ``write()``
 instead of an SQLite transaction (~150-250 us here). Replays are harmless (rows and blocks
@@ -54,7 +55,15 @@ from node.identity import verify_signature
 from node.storage import CODECS, INLINE_MAX
 
 from . import _journal, _prov
-from ._dagjson import DecodeError, Link, cid_digest, cid_for, decode, decode_canonical
+from ._dagjson import (
+    DecodeError,
+    Link,
+    cid_digest,
+    cid_for,
+    decode,
+    decode_canonical,
+    dumps_list,
+)
 from ._records import (
     LINK_FIELDS,
     RESERVED,
@@ -82,9 +91,12 @@ _DAG_JSON_CODE = CODECS["dag-json"]
 _COUNT_CAP = 256
 # The appender catches up (postings + blocks) once this many records are unindexed.
 BATCH = 256
-# ... and catches up itself (backpressure) when the indexer is this far behind.
 ABSORB_CHUNK = 2048  # entries turned into rows at a time
-MAX_BEHIND = 64 * BATCH  # bigger batches: fewer B-tree pages written per record
+# Backpressure: an appender this far ahead of the indexer waits until the indexer takes the
+# records (at most ``TAKE_TIMEOUT``, then it catches up itself). Records waiting to be indexed
+# are held in memory, so this bounds memory; bigger batches write fewer B-tree pages per record.
+MAX_BEHIND = 16 * BATCH
+TAKE_TIMEOUT = 10.0
 # Journal size past which catch-up empties it even while appends keep coming.
 ROTATE_AT = 16 << 20
 CATCH_UP_CHUNK = 2000
@@ -92,10 +104,15 @@ CATCH_UP_CHUNK = 2000
 FLUSH_AFTER = 0.5
 # json_each batches need SQLite's JSON functions (built in since 3.38).
 _JSON_BATCH = sqlite3.sqlite_version_info >= (3, 38, 0)
-_JSON_SLICE = 4096  # postings per statement
+_JSON_RECORDS = 512  # records per postings statement (~4,000 postings)
 _RECORD_COLUMNS = {"node": "node", "seq": "seq", "cid": "cid", "ts": "ts", "prev": "prev"}
 _REQUIRED = {"type": str, "ts": int, "node": str, "seq": int, "sig": bytes}
 
+
+
+def _postings_json(record_type: str, postings: list[tuple[str, str]]) -> str:
+    """A record's index postings, ``type`` first, as compact JSON ``[[key, value], ...]``."""
+    return dumps_list([("type", index_value(record_type)), *postings])
 
 class _OldSchema(Exception):
     """The index file was written by an older dsi: it is rebuilt from the blocks."""
@@ -145,11 +162,12 @@ class ProvenanceStore:
         self._wlock = threading.Lock()
         self._flock = WriterLock(self._db_path)
         self._tls = threading.local()
-        self._fresh: dict[tuple[int, int], tuple[str, bytes, Any]] = {}
+        self._fresh: dict[tuple[int, int], tuple[str, int, Any]] = {}
         self._unindexed = 0
         self._flusher: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._taken = threading.Condition()  # notified when the indexer takes a batch
         self._catch_lock = threading.Lock()  # one catch-up at a time in this process
         self._index_flock = WriterLock(self._db_path.with_name(self._db_path.name + ".index"))
         self._absorbed: tuple[int, int] = (-1, 0)  # (generation, offset) known to be indexed
@@ -316,7 +334,11 @@ class ProvenanceStore:
             row = (cid, self._node, seq, prepared.record_type, ts, prev,
                    json.dumps(inputs) if inputs else None,
                    json.dumps(outputs) if outputs else None)
-            self._fresh[(gen, size)] = (cid, data, (row, prepared.postings))
+            # Postings as JSON text (~150 bytes), not a list of tuples (~1 KB): a lagging
+            # indexer can hold thousands of these, and they set the memory high-water mark.
+            self._fresh[(gen, size)] = (
+                cid, hash(data), (row, _postings_json(prepared.record_type, prepared.postings))
+            )
             self._unindexed += 1
             behind = self._unindexed
             if self._flusher is None:
@@ -337,10 +359,28 @@ class ProvenanceStore:
                     # Kubo is back after an outage: push a few old records per append.
                     self._kubo_behind = self.sync(limit=16)["remaining"] > 0
         if behind >= MAX_BEHIND:
-            self.catch_up()  # backpressure: the indexer fell far behind, help it
+            self._wait_for_indexer()
         elif behind >= BATCH:
             self._wake.set()
         return cid, bool(reached)
+
+    def _wait_for_indexer(self) -> None:
+        """Backpressure, when the indexer is ``MAX_BEHIND`` records behind: wait until it takes
+        them (it is busy with the previous batch), so appends and indexing still overlap while
+        memory stays bounded. If it does not take them in time, catch up here."""
+        self._wake.set()
+        with self._taken:
+            if self._taken.wait_for(
+                lambda: self._unindexed < MAX_BEHIND or self._stop.is_set(), timeout=TAKE_TIMEOUT
+            ):
+                return
+        self.catch_up()
+
+    def _taken_all(self) -> None:
+        """A snapshot took every unindexed record: release appenders waiting on the indexer."""
+        with self._taken:
+            self._unindexed = 0
+            self._taken.notify_all()
 
     def _head_locked(self) -> tuple[int, str | None, int]:
         """``(next seq, prev cid, head ts)`` of this node. Caller holds the writer lock.
@@ -421,6 +461,25 @@ class ProvenanceStore:
         except Exception:  # a probe failure means "not available", never a failed append
             return False
 
+    @staticmethod
+    def _present(
+        conn: sqlite3.Connection, rows: list[tuple[Any, ...]]
+    ) -> dict[tuple[str, int], str]:
+        """``{(node, seq): cid}`` of these rows already in the index. Looked up by chain
+        position: one range scan per node at the end of the ``(node, seq)`` index, where a
+        lookup by CID costs a random B-tree read per record."""
+        seqs: dict[str, list[int]] = {}
+        for row in rows:
+            seqs.setdefault(row[1], []).append(row[2])
+        present: dict[tuple[str, int], str] = {}
+        for node, node_seqs in seqs.items():
+            for seq, cid in conn.execute(
+                "SELECT seq, cid FROM records WHERE node=? AND seq BETWEEN ? AND ?",
+                (node, min(node_seqs), max(node_seqs)),
+            ):
+                present[(node, seq)] = cid
+        return present
+
     def _index_records(
         self, conn: sqlite3.Connection, items: list[tuple[str, bytes, Any]]
     ) -> list[tuple[int, str]]:
@@ -429,21 +488,8 @@ class ProvenanceStore:
         Rows already present (a journal replayed after a crash) are skipped. Ids are assigned
         here so that rows and postings go in with one ``executemany`` each.
         """
-        present: set[str] = set()
-        cids = [c for c, _, _ in items]
-        for i in range(0, len(cids), 500):
-            chunk = cids[i : i + 500]
-            present.update(r[0] for r in conn.execute(
-                f"SELECT cid FROM records WHERE cid IN ({','.join('?' * len(chunk))})", chunk
-            ))
-        rid = conn.execute("SELECT coalesce(max(id), 0) FROM records").fetchone()[0]
-        rows: list[tuple[Any, ...]] = []
-        postings: list[tuple[str, str, int, int]] = []
+        built: list[tuple[tuple[Any, ...], bytes, str]] = []  # (row, bytes, postings JSON)
         for cid, data, known in items:
-            if cid in present:
-                continue
-            present.add(cid)
-            rid += 1
             if known is not None:  # appended by this process: row and postings precomputed
                 row, record_postings = known
             else:
@@ -455,30 +501,48 @@ class ProvenanceStore:
                        None if prev is None else str(prev),
                        json.dumps(inputs) if inputs else None,
                        json.dumps(outputs) if outputs else None)
-                record_postings = postings_of(record)
-            ts = row[4]
+                record_postings = _postings_json(row[3], postings_of(record))
+            built.append((row, data, record_postings))
+        present = self._present(conn, [b[0] for b in built])
+        rid = conn.execute("SELECT coalesce(max(id), 0) FROM records").fetchone()[0]
+        rows: list[tuple[Any, ...]] = []
+        postings: list[str] = []  # per record: [id, ts, [[key, value], ...]] as JSON text
+        for row, data, record_postings in built:
+            held = present.get((row[1], row[2]))
+            if held is not None:
+                if held != row[0]:
+                    raise ProvenanceError(
+                        f"fork: {row[1]} seq {row[2]} is both {held} and {row[0]}; nothing was "
+                        "indexed -- run verify() and keep the chain that checks out"
+                    )
+                continue
+            present[(row[1], row[2])] = row[0]
+            rid += 1
             rows.append((rid, *row, data))
-            postings.append(("type", index_value(row[3]), ts, rid))
-            postings.extend((k, v, ts, rid) for k, v in record_postings)
+            postings.append(f"[{rid},{row[4]},{record_postings}]")
         conn.executemany(
             "INSERT INTO records (id, cid, node, seq, type, ts, prev, input_cid, output_cid,"
             " body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
         if _JSON_BATCH:
-            # One statement for the whole batch instead of one step per posting (~8 a record):
-            # SQLite runs it without the GIL, so appends in other threads go on meanwhile.
-            # In slices, so the JSON text and SQLite's parse of it stay small (peak memory).
-            for i in range(0, len(postings), _JSON_SLICE):
+            # One statement per slice instead of one step per posting (~8 a record): SQLite
+            # runs it without the GIL, so appends in other threads go on meanwhile. In
+            # slices, so the JSON text and SQLite's parse of it stay small (peak memory).
+            for i in range(0, len(postings), _JSON_RECORDS):
                 conn.execute(
-                    "INSERT OR IGNORE INTO postings SELECT json_extract(value, '$[0]'),"
-                    " json_extract(value, '$[1]'), json_extract(value, '$[2]'),"
-                    " json_extract(value, '$[3]') FROM json_each(?)",
-                    (json.dumps(postings[i : i + _JSON_SLICE], ensure_ascii=False,
-                                separators=(",", ":")),),
+                    "INSERT OR IGNORE INTO postings SELECT json_extract(p.value, '$[0]'),"
+                    " json_extract(p.value, '$[1]'), json_extract(r.value, '$[1]'),"
+                    " json_extract(r.value, '$[0]')"
+                    " FROM json_each(?) AS r, json_each(r.value, '$[2]') AS p",
+                    ("[" + ",".join(postings[i : i + _JSON_RECORDS]) + "]",),
                 )
         else:
-            conn.executemany("INSERT OR IGNORE INTO postings VALUES (?, ?, ?, ?)", postings)
+            conn.executemany(
+                "INSERT OR IGNORE INTO postings VALUES (?, ?, ?, ?)",
+                [(k, v, ts, rid) for rid, ts, pairs in map(json.loads, postings)
+                 for k, v in pairs],
+            )
         return [(r[0], r[1]) for r in rows]
 
     def catch_up(self) -> int:
@@ -513,7 +577,7 @@ class ProvenanceStore:
                 if valid_end < size:
                     log.warning("provenance journal: cutting a torn tail at offset %d", valid_end)
                     self._journal.truncate(valid_end)
-                self._unindexed = 0
+                self._taken_all()
                 return gen, valid_end, entries
             finally:
                 self._flock.release()
@@ -527,9 +591,10 @@ class ProvenanceStore:
         fresh = self._fresh
         for end, body in entries:
             known = fresh.pop((gen, end), None)
-            # The bytes check makes the shortcut safe by construction: the precomputed CID
-            # and row are used only for exactly the record they were made from.
-            if known is not None and known[1] == body:
+            # The precomputed CID and row are used only for the record they were made from
+            # (same journal position and same bytes, by a 64-bit hash: holding the bytes
+            # themselves doubled the memory a lagging indexer costs).
+            if known is not None and known[1] == hash(body):
                 items.append((end, known[0], body, known[2]))
             else:
                 items.append((end, cid_for(body), body, None))
@@ -600,7 +665,7 @@ class ProvenanceStore:
                         self._journal.truncate(tail_end)
                     if entries:
                         n = self._absorb(gen, tail_end, entries)
-                    self._unindexed = 0
+                    self._taken_all()
                 if _journal_mark(self._writer) != (gen, self._journal.size()):
                     return n  # not all absorbed after all (e.g. an index rebuild in between)
                 self._journal.rotate(gen + 1)
