@@ -29,6 +29,7 @@ DAG_JSON_CODEC = 0x0129
 # CIDv1 prefix: version 1, codec varint(0x0129) = a9 02, multihash sha2-256 (0x12), 32 bytes.
 _CID_PREFIX = bytes([0x01, 0xA9, 0x02, 0x12, 0x20])
 _CID_B32_PREFIX = "b" + base64.b32encode(_CID_PREFIX).decode("ascii").lower()
+RECORD_CID_PREFIX = _CID_B32_PREFIX  # every record CID (dag-json, sha2-256, CIDv1 base32) starts so
 _B32_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 _B32_PAIRS = [a + b for a in _B32_ALPHABET for b in _B32_ALPHABET]
 _B32_SHIFTS = tuple(range(250, -1, -10))

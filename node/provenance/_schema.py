@@ -12,6 +12,9 @@ Tables:
 
 * ``records`` -- the durable log, one row per record: identity (``cid``), chain position
   (``node``, ``seq``, unique, so a fork cannot even be written; the highest seq is the head),
+  found from a CID through the record's block (which names its node and seq). An index on
+  ``cid`` would be a random B-tree insert per record: at 1M records it was ~40% of indexing
+  CPU, most of it writing the pages it dirtied at each commit;
   ``ts``, link columns and ``body``, the exact block bytes (queries never touch the block
   store; ``verify`` compares the two);
 * ``postings`` -- (key, value, ts, id) for equality filters: ``type``, every top-level caller
@@ -28,13 +31,14 @@ from pathlib import Path
 
 from node._sqlite import enable_wal
 
-SCHEMA_VERSION = 2  # 2: a data map is indexed by its shape, not a hash
+# 2: a data map is indexed by its shape, not a hash. 3: no index on records.cid.
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 120_000
 
 DDL = """
 CREATE TABLE IF NOT EXISTS records (
     id         INTEGER PRIMARY KEY,
-    cid        TEXT NOT NULL UNIQUE,
+    cid        TEXT NOT NULL,             -- not indexed: found by (node, seq), see _store
     node       TEXT NOT NULL,
     seq        INTEGER NOT NULL,
     type       TEXT NOT NULL,

@@ -56,6 +56,7 @@ from node.storage import CODECS, INLINE_MAX
 
 from . import _journal, _prov
 from ._dagjson import (
+    RECORD_CID_PREFIX,
     DecodeError,
     Link,
     cid_digest,
@@ -830,9 +831,9 @@ class ProvenanceStore:
         (a record of another node, fetched and signature-checked)."""
         key = cid_key(cid)
         self.catch_up()
-        row = self._reader().execute("SELECT body FROM records WHERE cid=?", (key,)).fetchone()
-        if row is not None:
-            record = decode(bytes(row[0]))
+        found = self._indexed(self._reader(), key, "body")
+        if found is not None:
+            record = decode(bytes(found[1]))
         else:
             try:
                 data = self._blocks.get_block(key)
@@ -841,6 +842,22 @@ class ProvenanceStore:
             record = _check_record(key, data)
         record = {"cid": key, **record}
         return self.resolve(record) if resolve else record
+
+    def _indexed(self, conn: sqlite3.Connection, key: str, column: str) -> tuple[Any, ...] | None:
+        """``(id, column)`` of the indexed record ``key``, or None. Found by chain position:
+        the local block names its node and seq (records.cid has no index, see _schema)."""
+        if self._local is None or not key.startswith(RECORD_CID_PREFIX):
+            return None  # records are dag-json sha2-256 blocks; a data CID is not one
+        try:
+            data = self._local.get(key)
+            record = decode(data)
+            position = (record["node"], int(record["seq"]))
+        except (DatasetsError, DecodeError, KeyError, TypeError, ValueError):
+            return None  # not here, or not a record: not indexed
+        row = conn.execute(
+            f"SELECT id, {column}, cid FROM records WHERE node=? AND seq=?", position
+        ).fetchone()
+        return None if row is None or row[2] != key else (row[0], row[1])
 
     def get_value(self, link: str) -> Any:
         """A split-out large value, decoded (its own links resolved too)."""
@@ -1046,9 +1063,7 @@ class ProvenanceStore:
         seen_records: set[int] = set()
         seen_cids: set[str] = {key}
         frontier: list[str] = [key]
-        start = conn.execute(
-            f"SELECT id, {next_col} FROM records WHERE cid=?", (key,)
-        ).fetchone()
+        start = self._indexed(conn, key, next_col)
         if start is not None:
             seen_records.add(start[0])
             out.extend({**r, "depth": 0} for r in self._load([start[0]], False))
