@@ -123,7 +123,7 @@ def dumps_list(items: list[Any]) -> str:
 
 def dumps_wire(wire: Any) -> bytes:
     """Canonical bytes of a wire tree (plain JSON data with ``{"/": ...}`` maps spelled out)."""
-    if _c_iterencode is not None and type(wire) is dict:
+    if _c_iterencode is not None and (type(wire) is dict or type(wire) is list):
         return "".join(_c_iterencode(wire, 0)).encode("utf-8")
     return _dumps(wire).encode("utf-8")
 
