@@ -128,6 +128,8 @@ def normalize(value: Any, path: str) -> Any:
     """Caller value -> wire tree (JSON data with dag-json bytes maps), per the module rules."""
     t = type(value)
     if t is str:
+        if value.isascii():
+            return value  # no lone surrogate possible; skips an encode per string
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
@@ -233,7 +235,10 @@ def index_value(wire: Any) -> str:
     """
     t = type(wire)
     if t is str:
-        text = encode_str(wire).encode("utf-8")
+        quoted = encode_str(wire)
+        if len(quoted) <= _INLINE_KEY_MAX and quoted.isascii():
+            return quoted  # the common case, without a round trip through bytes
+        text = quoted.encode("utf-8")
     elif t is bool:
         return "true" if wire else "false"
     elif t is int:
