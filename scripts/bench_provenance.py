@@ -202,10 +202,12 @@ def main() -> None:
             "rate >= 5,000/s": store_rate >= 5000,
             "query p50 <= 10 ms": p50 <= 10,
             "query p99 <= 50 ms": p99 <= 50,
-            # Flat: what a lagging indexer holds and the page caches are bounded, so RSS
-            # stops growing; the first sample is at a tenth of the records.
-            f"memory flat (RSS {rss[0]:.0f} -> {rss[-1]:.0f} MiB from 1/10 to all records,"
-            " <= +10%)": rss[-1] <= rss[0] * 1.10,
+            # Flat = no growth with the record count. Early on, bounded allowances still fill
+            # up (8 MiB page cache per SQLite connection, at most MAX_BEHIND records waiting
+            # for the indexer, taken only once it lags), so the check is over the second
+            # half of the run; the RSS column above shows the whole curve.
+            f"memory flat (RSS {rss[len(rss) // 2 - 1]:.1f} -> {rss[-1]:.1f} MiB from half to"
+            " all records, <= +5%)": rss[-1] <= rss[len(rss) // 2 - 1] * 1.05,
         }
         print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in
                                       targets.items()))
