@@ -415,3 +415,61 @@ def test_records_are_signed_with_the_node_key_kept_0600(logger: ProvenanceLogger
     assert key_file.stat().st_mode & 0o777 == 0o600
     assert logger.get_record(cid)["node"] == logger.services.identity.peer_id
     assert logger.services.peer_id.startswith("12D3KooW")
+
+
+def test_appenders_wait_for_a_lagging_indexer_so_pending_records_stay_bounded(
+    offline: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Backpressure: records waiting for the background indexer are held in memory, so an
+    appender that gets MAX_BEHIND ahead waits until the indexer takes them. Nothing is lost."""
+    import node.provenance._store as store_module
+
+    monkeypatch.setattr(store_module, "BATCH", 4)
+    monkeypatch.setattr(store_module, "MAX_BEHIND", 16)
+    waits = []
+    wait = store_module.ProvenanceStore._wait_for_indexer
+    monkeypatch.setattr(store_module.ProvenanceStore, "_wait_for_indexer",
+                        lambda self: (waits.append(1), wait(self))[1])
+    absorb = store_module.ProvenanceStore._absorb
+
+    def slow_absorb(self: Any, *args: Any) -> int:
+        time.sleep(0.005)  # an indexer slower than the appender, on any machine
+        return absorb(self, *args)
+
+    monkeypatch.setattr(store_module.ProvenanceStore, "_absorb", slow_absorb)
+    with ProvenanceLogger(offline) as lg:
+        store = lg.services.provenance
+        held = []
+        cids = []
+        for i in range(400):
+            cids.append(lg.log_inference("m", {"i": i}))
+            held.append(len(store._fresh))
+        # At most one batch being indexed plus one accumulating, each capped at MAX_BEHIND.
+        assert max(held) <= 2 * 16 + 1
+        assert waits  # the appender did get MAX_BEHIND ahead
+        assert lg.verify()["records"] == 400
+        assert [r["cid"] for r in lg.query_logs({"model": "m"}, limit=None)] == cids[::-1]
+
+
+def test_appender_indexes_itself_when_the_indexer_does_not_take_records(
+    offline: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the background indexer does not take a full backlog within TAKE_TIMEOUT (stuck, or
+    gone), the appender catches up itself instead of waiting forever."""
+    import node.provenance._store as store_module
+
+    monkeypatch.setattr(store_module, "BATCH", 4)
+    monkeypatch.setattr(store_module, "MAX_BEHIND", 8)
+    monkeypatch.setattr(store_module, "TAKE_TIMEOUT", 0.05)
+    monkeypatch.setattr(store_module.ProvenanceStore, "_flush_loop", lambda self: None)
+    with ProvenanceLogger(offline) as lg:
+        store = lg.services.provenance
+        for i in range(7):
+            lg.log_inference("m", {"i": i})
+        assert store._unindexed == 7  # nobody indexed them: the flusher is gone
+        started = time.monotonic()
+        lg.log_inference("m", {"i": 7})  # the 8th: waits TAKE_TIMEOUT, then indexes itself
+        assert time.monotonic() - started < 5
+        assert store._unindexed == 0 and not store._fresh
+        with sqlite3.connect(store._db_path) as db:
+            assert db.execute("SELECT count(*) FROM records").fetchone()[0] == 8
