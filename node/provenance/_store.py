@@ -831,9 +831,9 @@ class ProvenanceStore:
         (a record of another node, fetched and signature-checked)."""
         key = cid_key(cid)
         self.catch_up()
-        found = self._indexed(self._reader(), key, "body")
+        found = self._indexed(self._reader(), key, "id")
         if found is not None:
-            record = decode(bytes(found[1]))
+            record = found[2]  # the local block's bytes (hash-checked), decoded
         else:
             try:
                 data = self._blocks.get_block(key)
@@ -843,9 +843,12 @@ class ProvenanceStore:
         record = {"cid": key, **record}
         return self.resolve(record) if resolve else record
 
-    def _indexed(self, conn: sqlite3.Connection, key: str, column: str) -> tuple[Any, ...] | None:
-        """``(id, column)`` of the indexed record ``key``, or None. Found by chain position:
-        the local block names its node and seq (records.cid has no index, see _schema)."""
+    def _indexed(
+        self, conn: sqlite3.Connection, key: str, column: str
+    ) -> tuple[int, Any, dict[str, Any]] | None:
+        """``(id, column, decoded record)`` of the indexed record ``key``, or None. Found by
+        chain position: the local block names its node and seq (records.cid has no index,
+        see _schema)."""
         if self._local is None or not key.startswith(RECORD_CID_PREFIX):
             return None  # records are dag-json sha2-256 blocks; a data CID is not one
         try:
@@ -857,7 +860,7 @@ class ProvenanceStore:
         row = conn.execute(
             f"SELECT id, {column}, cid FROM records WHERE node=? AND seq=?", position
         ).fetchone()
-        return None if row is None or row[2] != key else (row[0], row[1])
+        return None if row is None or row[2] != key else (row[0], row[1], record)
 
     def get_value(self, link: str) -> Any:
         """A split-out large value, decoded (its own links resolved too)."""
