@@ -74,7 +74,7 @@ class Identity:
         return Signer(self.seed)
 
     def sign(self, message: bytes) -> bytes:
-        return self._key.sign(message)
+        return Signer(self.seed).sign(message)
 
     def libp2p_bytes(self) -> bytes:
         """The protobuf encoding libp2p's ``deserialize_private_key`` reads."""
