@@ -473,3 +473,20 @@ def test_appender_indexes_itself_when_the_indexer_does_not_take_records(
         assert store._unindexed == 0 and not store._fresh
         with sqlite3.connect(store._db_path) as db:
             assert db.execute("SELECT count(*) FROM records").fetchone()[0] == 8
+
+
+def test_postings_without_sqlite_json_functions_index_the_same(
+    offline: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite before 3.38 has no json_each: postings then go in with executemany, from the
+    same per-record JSON text. Both paths must give the same filters."""
+    import node.provenance._store as store_module
+
+    monkeypatch.setattr(store_module, "_JSON_BATCH", False)
+    with ProvenanceLogger(offline) as lg:
+        cids = [lg.log_inference(f"m{i % 3}", {"i": i, "hw": "CUDA" if i % 2 else "CPU"})
+                for i in range(30)]
+        lg.services.provenance.catch_up()
+        found = lg.query_logs({"model": "m1", "data": {"i": 4, "hw": "CPU"}}, limit=None)
+        assert [r["cid"] for r in found] == [cids[4]]
+        assert len(lg.query_logs({"type": "inference"}, limit=None)) == 30
