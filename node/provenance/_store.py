@@ -605,9 +605,10 @@ class ProvenanceStore:
 
     def _absorb(self, gen: int, valid_end: int, entries: list[tuple[int, bytes]]) -> int:
         """Blocks, index rows and the watermark, in one index transaction (``_catch_lock``
-        held), ``ABSORB_CHUNK`` entries at a time: a batch after a long lag can hold tens of
-        thousands of records, and building all their rows at once set the process's memory
-        high-water mark. Blocks of a chunk go in before its rows: a crash only means a replay.
+        held), ``ABSORB_CHUNK`` entries at a time: a journal replayed at start-up or left by
+        another process can hold tens of thousands of records, and building all their rows at
+        once would set the process's memory high-water mark. Blocks of a chunk go in before
+        its rows: a crash only means a replay.
         """
         conn = self._indexer
         inserted_total = 0
