@@ -64,15 +64,19 @@ def cache_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def unixfs_oracle() -> Callable[[Path, int], str]:
-    """Root CID of a file or folder by the js UnixFS importer (independent of our code)."""
+def unixfs_oracle() -> Callable[..., str]:
+    """Root CID of a file or folder by the js UnixFS importer (independent of our code).
+
+    ``shard_at=N`` makes it HAMT-shard every folder of at least N entries.
+    """
     script = DAEMON_DIR / "unixfs-oracle.mjs"
     if not (DAEMON_DIR / "node_modules" / "ipfs-unixfs-importer").is_dir():
         pytest.fail("ipfs-unixfs-importer is missing: run `scripts/setup --test`", pytrace=False)
 
-    def oracle(path: Path, cid_version: int = 0) -> str:
+    def oracle(path: Path, cid_version: int = 0, shard_at: int | None = None) -> str:
+        extra = [] if shard_at is None else [str(shard_at)]
         out = subprocess.run(
-            ["node", str(script), str(path), str(cid_version)],
+            ["node", str(script), str(path), str(cid_version), *extra],
             check=True, capture_output=True, text=True, timeout=120,
             env=dict(os.environ, NODE_OPTIONS=""),
         )

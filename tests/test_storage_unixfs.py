@@ -1,22 +1,27 @@
 """Kubo-identical CIDs for files and folders, checked against independent oracles.
 
 Files: aleph-cid (Rust, computes Kubo's CIDv0 and CIDv1-raw-leaves). Folders: the js UnixFS
-importer that js-ipfs itself uses (aleph-cid drops empty sub-folders). Data is generated from
-fixed seeds so a failure reproduces.
+importer that js-ipfs itself uses (aleph-cid drops empty sub-folders). HAMT-sharded folders:
+Kubo's own test vectors (its data generator re-implemented here) for the threshold, and the js
+importer with sharding forced on for the shard encoding. Data is generated from fixed seeds so a
+failure reproduces.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aleph_cid
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from node.storage import CHUNK_SIZE, MAX_LINKS, BlockService, LocalBlockStore
+from node.storage import CHUNK_SIZE, MAX_LINKS, BlockService, LocalBlockStore, _dagpb, _unixfs
+from node.storage._cid import parse_cid
 
-Oracle = Callable[[Path, int], str]
+Oracle = Callable[..., str]
 
 
 @pytest.fixture
@@ -178,3 +183,79 @@ def test_progress_callbacks_cover_every_byte(service: BlockService, tmp_path: Pa
     service.get_file(cid, tmp_path / "p.out", progress=seen_get.append)
     assert sum(seen_add) == sum(seen_get) == len(data)
     assert len(seen_add) == 6  # one call per chunk: the CLI draws its bar from these
+
+
+# ------------------------------------------------------------------------------ HAMT folders
+def kubo_deterministic_names(folder: Path, count: int, name_len: int, seed: str) -> None:
+    """Kubo's test/cli ``createDeterministicFiles``: names drawn from a ChaCha20 stream (key
+    sha256(seed), zero nonce) mapped onto its 39-character alphabet, each file holding "x"."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz01234567890-_"
+    stream = Cipher(algorithms.ChaCha20(hashlib.sha256(seed.encode()).digest(), bytes(16)),
+                    mode=None).encryptor()
+    folder.mkdir(parents=True)
+    for _ in range(count):
+        name = "".join(alphabet[b % len(alphabet)] for b in stream.update(bytes(name_len)))
+        (folder / name).write_bytes(b"x")
+
+
+def test_hamt_threshold_matches_kubo_vectors(service: BlockService, tmp_path: Path) -> None:
+    """Kubo's unixfs-v0-2015 (default) profile vectors, test/cli/cid_profiles_test.go: 4,096
+    names of 30 bytes estimate at exactly 262,144 bytes and stay flat; 4,033 names of 31 bytes
+    estimate at 262,145 and become a HAMT."""
+    flat, sharded = tmp_path / "flat", tmp_path / "sharded"
+    kubo_deterministic_names(flat, 4096, 30, "hamt-unixfs-v0-2015")
+    kubo_deterministic_names(sharded, 4033, 31, "hamt-unixfs-v0-2015")
+    flat_cid = service.add_directory(flat)
+    assert flat_cid == "QmX5GtRk3TSSEHtdrykgqm4eqMEn3n2XhfkFAis5fjyZmN"
+    assert service.stat(flat_cid)["type"] == "directory"
+    hamt_cid = service.add_directory(sharded)
+    assert hamt_cid == "QmeMiJzmhpJAUgynAcxTQYek5PPKgdv3qEvFsdV3XpVnvP"
+    root = _unixfs._decode(parse_cid(hamt_cid), service.get_block(hamt_cid))[1]
+    assert root.type == _dagpb.HAMT_SHARD and root.fanout == 256
+    # the sharded folder lists and writes out like any other
+    entries = service.ls(hamt_cid)
+    assert sorted(e["name"] for e in entries) == sorted(p.name for p in sharded.iterdir())
+    assert {e["size"] for e in entries} == {1}
+    out = Path(service.get_file(hamt_cid, tmp_path / "out"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in sharded.iterdir())
+    assert {p.read_bytes() for p in out.iterdir()} == {b"x"}
+    assert service.add_directory(out) == hamt_cid
+
+
+def test_hamt_hash_is_murmur3_x64_first_half() -> None:
+    # murmur3-x64-128("hello", seed 0) = cbd8a7b341bd9b02 5b1e906a48ae1d19 (h1, h2)
+    assert _unixfs.hamt_hash(b"hello").hex() == "cbd8a7b341bd9b02"
+    assert _unixfs.hamt_hash("日本語".encode()) == _unixfs.hamt_hash("日本語".encode())
+    assert len(_unixfs.hamt_hash(b"")) == 8
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_hamt_encoding_matches_js_importer(service: BlockService, tmp_path: Path,
+                                          unixfs_oracle: Oracle, seed: int) -> None:
+    """Sharding forced on every non-empty folder (threshold 0 here, 1 entry in js): nested
+    folders, empty folders, non-ASCII names, and one folder big enough that many slots hold
+    sub-shards (and some sub-shards hold sub-shards)."""
+    rnd = random.Random(seed)
+    tree = tmp_path / f"tree{seed}"
+    make_tree(tree, rnd)
+    wide = tree / "wide"
+    wide.mkdir()
+    for i in range(700):
+        (wide / f"{rnd.choice(['f', 'ß', '文'])}{i}-{rnd.randrange(10**6)}").write_bytes(
+            rnd.randbytes(rnd.choice([0, 1, 100]))
+        )
+    for version in (0, 1):
+        imp = _unixfs.Importer(service.local, service.pool, cid_version=version,
+                               hamt_threshold=0)
+        try:
+            node = imp.add_directory(tree)
+            imp.flush()
+        finally:
+            imp.wait()
+        assert str(node.cid) == unixfs_oracle(tree, version, shard_at=1)
+        listed = {e["name"] for e in service.ls(str(node.cid))}
+        assert listed == {p.name for p in tree.iterdir()}
+        out = Path(service.get_file(str(node.cid), tmp_path / f"out{seed}-{version}"))
+        assert sorted(p.name for p in (out / "wide").iterdir()) == sorted(
+            p.name for p in wide.iterdir()
+        )

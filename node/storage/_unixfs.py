@@ -3,8 +3,11 @@
 Import matches ``ipfs add`` with Kubo's defaults: fixed 262,144-byte chunks, balanced layout
 with at most 174 links per node, CIDv0 with dag-pb UnixFS leaves by default, and for
 ``cid_version=1`` raw leaves and CIDv1 (``--cid-version=1`` implies ``--raw-leaves``).
-Folders are UnixFS directories whose links are sorted by name bytes (no HAMT sharding: Kubo
-switches to HAMT only for directories whose links exceed ~256 KiB, i.e. thousands of entries).
+Folders are UnixFS directories whose links are sorted by name bytes. A folder whose links Kubo
+estimates at more than 256 KiB (the sum of name bytes + binary CID bytes over its entries, e.g.
+4,033 names of 31 bytes with CIDv0) becomes a HAMT-sharded directory exactly as Kubo builds it:
+fanout 256, murmur3-x64-64 of the name, one byte of the hash per level, a sub-shard wherever two
+names share a slot (Kubo's ``Import.UnixFSHAMTDirectory*`` defaults, "links" size estimation).
 Hidden files are included and symlinks are followed (``ipfs add -r --hidden
 --dereference-symlinks``); a symlink loop or a special file is an error.
 
@@ -36,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import mmh3
+
 from node.errors import (
     CorruptBlockError,
     InvalidArgumentError,
@@ -50,6 +55,11 @@ from ._local import INLINE_MAX, LocalBlockStore
 
 CHUNK_SIZE = 262_144
 MAX_LINKS = 174
+# Kubo's Import.UnixFSHAMTDirectorySizeThreshold: a folder whose estimated size (name bytes +
+# binary CID bytes per link) is strictly above this is sharded; at exactly this it stays flat.
+HAMT_THRESHOLD = 262_144
+HAMT_FANOUT = 256  # Import.UnixFSHAMTDirectoryMaxFanout: one byte of the hash per level
+HAMT_HASH_MURMUR3 = 0x22  # multicodec murmur3-x64-64, as UnixFS Data.hashType
 # Index rows are committed in batches: one transaction and one fsync per shard directory per
 # batch. Bounded by count (file-backed rows are tiny) and by the inline bytes they carry.
 _COMMIT_ROWS = 1024
@@ -59,6 +69,8 @@ _COMMIT_INLINE_BYTES = 8 << 20
 # disk flushes one batch while the CPUs fill the page cache with the next (8 MiB beat 32 and
 # 96 MiB in an A/B of 256 MiB adds here).
 _COMMIT_FILE_BYTES = 8 << 20
+# A one-chunk file smaller than this is hashed by the calling thread, not handed to the pool.
+_INLINE_JOB_BYTES = 64 << 10
 
 Row = tuple[bytes, int, int, "bytes | None"]
 
@@ -101,6 +113,7 @@ class Importer:
         cid_version: int = 0,
         in_flight: int = 8,
         progress: Callable[[int], None] | None = None,
+        hamt_threshold: int = HAMT_THRESHOLD,
     ) -> None:
         if cid_version not in (0, 1):
             raise InvalidArgumentError(f"cid_version must be 0 or 1, got {cid_version!r}")
@@ -110,10 +123,13 @@ class Importer:
         self.raw_leaves = cid_version == 1
         self.in_flight = max(2, in_flight)
         self.progress = progress
+        self.hamt_threshold = hamt_threshold
         self._rows: list[Row] = []
         self._inline_bytes = 0
         self._file_bytes = 0
         self._commit: Future[None] | None = None  # the batch being synced and committed
+        self._buffers: list[bytearray] = []  # free chunk buffers, at most ``in_flight`` made
+        self._buffers_made = 0
         self.new_blocks = 0
         self.bytes_read = 0
 
@@ -222,7 +238,9 @@ class Importer:
         self, next_chunk: Callable[[bytearray], tuple[int, int | None, int]], size: int | None
     ) -> DagNode:
         levels: list[list[DagNode]] = [[]]
-        free = [bytearray(CHUNK_SIZE) for _ in range(self.in_flight)]
+        # Chunk buffers are shared by every file of this import and made on first need, so a
+        # folder of small files allocates one buffer, not ``in_flight`` per file.
+        free = self._buffers
         jobs: deque[tuple[Future[tuple[bytes, int, Row | None]], bytearray, int]] = deque()
         leaf_codec = "raw" if self.raw_leaves else "dag-pb"
 
@@ -241,14 +259,24 @@ class Importer:
             first = True
             while True:
                 if not free:
-                    finish_oldest()
+                    if self._buffers_made < self.in_flight:
+                        free.append(bytearray(CHUNK_SIZE))
+                        self._buffers_made += 1
+                    else:
+                        finish_oldest()
                 buf = free.pop()
                 n, fd, offset = next_chunk(buf)
                 if n == 0 and not first:
                     free.append(buf)
                     break
-                first = False
                 self.bytes_read += n
+                if first and n < _INLINE_JOB_BYTES and not jobs:
+                    # A small file in one chunk: hashing it here beats a hand-off to the pool.
+                    done: Future[tuple[bytes, int, Row | None]] = Future()
+                    done.set_result(self._leaf_job(buf, n, fd, offset))
+                    jobs.append((done, buf, n))
+                    break
+                first = False
                 jobs.append((self.pool.submit(self._leaf_job, buf, n, fd, offset), buf, n))
                 if n < CHUNK_SIZE:
                     break
@@ -354,10 +382,57 @@ class Importer:
                 )
             children.append((name_bytes, entry.name, node))
         children.sort(key=lambda c: c[0])
+        estimate = sum(len(name_bytes) + len(n.cid.binary()) for name_bytes, _, n in children)
+        if estimate > self.hamt_threshold:
+            return self._hamt_shard(children, 0)
         links = [_dagpb.PBLink(n.cid.binary(), name, n.tsize) for _, name, n in children]
         block = _dagpb.encode_node(links, _dagpb.encode_unixfs(_dagpb.UnixFSData(_dagpb.DIRECTORY)))
         cid = self._put_small(block, "dag-pb")
         return DagNode(cid, len(block) + sum(n.tsize for _, _, n in children), 0)
+
+    def _hamt_shard(self, children: list[tuple[bytes, str, DagNode]], depth: int) -> DagNode:
+        """One HAMT node over ``children`` at ``depth`` (its sub-shards are written first).
+
+        Byte ``depth`` of a name's hash picks its slot. A slot with one entry links to it as
+        ``"%02X" % slot + name``; a slot two or more names share links to a sub-shard, named
+        by the slot alone. The Data field carries the occupied slots as a big-endian bitfield
+        without leading zero bytes (go-bitfield's ``Bytes()``).
+        """
+        slots: dict[int, list[tuple[bytes, str, DagNode]]] = {}
+        for child in children:
+            digest = hamt_hash(child[0])
+            if depth >= len(digest):  # 64 equal hash bits: Kubo refuses this folder too
+                raise StorageError(
+                    f"names {[c[1] for c in children]!r} collide in all 64 bits of the HAMT "
+                    "hash; rename one of them"
+                )
+            slots.setdefault(digest[depth], []).append(child)
+        links: list[_dagpb.PBLink] = []
+        bitfield = 0
+        for slot in sorted(slots):
+            bitfield |= 1 << slot
+            group = slots[slot]
+            if len(group) == 1:
+                _, name, node = group[0]
+                links.append(_dagpb.PBLink(node.cid.binary(), f"{slot:02X}{name}", node.tsize))
+            else:
+                node = self._hamt_shard(group, depth + 1)
+                links.append(_dagpb.PBLink(node.cid.binary(), f"{slot:02X}", node.tsize))
+        data = _dagpb.UnixFSData(
+            _dagpb.HAMT_SHARD,
+            data=bitfield.to_bytes(HAMT_FANOUT // 8, "big").lstrip(b"\0"),
+            hash_type=HAMT_HASH_MURMUR3,
+            fanout=HAMT_FANOUT,
+        )
+        block = _dagpb.encode_node(links, _dagpb.encode_unixfs(data))
+        cid = self._put_small(block, "dag-pb")
+        return DagNode(cid, len(block) + sum(lk.tsize or 0 for lk in links), 0)
+
+
+def hamt_hash(name: bytes) -> bytes:
+    """The 8 hash bytes a HAMT consumes for ``name``: murmur3-x64-128's first 64-bit half,
+    big-endian (go's ``murmur3.New64().Sum()``; the js importer reverses the same 8 bytes)."""
+    return mmh3.hash_bytes(name)[7::-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -614,7 +689,7 @@ class Exporter:
         write_lock = threading.Lock()
 
         def work() -> None:
-            buf = bytearray(CHUNK_SIZE + 1024)
+            buf = bytearray(min(size, CHUNK_SIZE) + 1024)  # read_into grows it if need be
             while (item := walk.take()) is not None:
                 try:
                     children = self._node_job(item[0], item[1], item[2], buf, fd, write_lock)
@@ -623,7 +698,9 @@ class Exporter:
                     return
                 walk.done(children)
 
-        helpers = [self.pool.submit(work) for _ in range(self.in_flight - 1)]
+        # One block (Kubo's files up to 256 KiB): no helpers to start and wait for.
+        helpers = [self.pool.submit(work) for _ in range(self.in_flight - 1)] if (
+            size > CHUNK_SIZE) else []
         try:
             work()  # this thread works too: progress never depends on a free pool thread
         except BaseException as exc:  # e.g. KeyboardInterrupt while waiting: stop the helpers

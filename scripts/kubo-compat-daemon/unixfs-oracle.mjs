@@ -1,12 +1,14 @@
 // Independent CID oracle for tests: the js UnixFS importer that js-ipfs uses, on a local path.
-// usage: node unixfs-oracle.mjs PATH [CID_VERSION]   -> prints the root CID of a file or folder
-// Folders: links sorted by name, empty sub-folders kept, hidden files included, no sharding
-// (the same as `ipfs add -r --hidden` on folders below Kubo's HAMT threshold).
+// usage: node unixfs-oracle.mjs PATH [CID_VERSION [SHARD_AT]]  -> the root CID of a file or folder
+// Folders: links sorted by name, empty sub-folders kept, hidden files included (the same as
+// `ipfs add -r --hidden` on folders below Kubo's HAMT threshold). No sharding unless SHARD_AT is
+// given: then every folder with at least SHARD_AT entries is HAMT-sharded. This importer decides
+// by entry count where Kubo estimates bytes, so it checks the shard *encoding*, not the threshold.
 import { importer } from 'ipfs-unixfs-importer'
 import { createReadStream, readdirSync, statSync } from 'node:fs'
 import { basename, join } from 'node:path'
 
-const [target, version = '0'] = process.argv.slice(2)
+const [target, version = '0', shardAt] = process.argv.slice(2)
 const cidVersion = Number(version)
 
 function * entries (abs, rel) {
@@ -24,7 +26,7 @@ const options = {
   cidVersion,
   rawLeaves: cidVersion === 1,
   onlyHash: true,
-  shardSplitThreshold: Infinity,
+  shardSplitThreshold: shardAt === undefined ? Infinity : Number(shardAt),
   wrapWithDirectory: false
 }
 let root
