@@ -13,9 +13,11 @@ Run from the repository root:  .venv/bin/python scripts/bench_tasks.py [--pendin
 4. Throughput of claim -> complete with 1 worker process, then with ``--workers`` worker
    processes on one shared file (every process its own TaskQueue), and -- as the reference
    for what the machine can run in parallel at that moment -- the same workers each on a
-   private file with 1/N of the tasks. Interleaved and repeated so background load hits all
-   alike; prints the medians and the ratios. Also the share of a single worker's time spent
-   holding the writer lock (the serial part, which bounds any speed-up).
+   private file with 1/N of the tasks. Next to them, the same claim -> complete as raw SQL
+   (one transaction per step, the same flock hand-over) with 1 and N processes: how far
+   plain SQLite itself scales across processes here. Interleaved and repeated so background
+   load hits all alike; prints the medians and the ratios. Also the share of a single
+   worker's time spent holding the writer lock (the serial part, which bounds any speed-up).
 
 Targets (issue 4): >= 2,000 full cycles/s, claim p99 <= 5 ms at 100k pending, and
 ``--workers 4`` throughput >= 1.5x one process. The machine this was written on has 2 cores and
@@ -36,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -158,6 +161,55 @@ def _drain(db: str, worker_id: str, start_at: float, out: mp.Queue) -> None:
     q.close()
 
 
+def _raw_drain(db: str, worker_id: str, start_at: float, out: mp.Queue) -> None:
+    """The same claim -> complete as raw SQL, each step one IMMEDIATE transaction under the
+    same ``flock`` hand-over: how plain SQLite scales across processes on this machine."""
+    from node._writer_lock import WriterLock
+
+    conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+    conn.execute("PRAGMA synchronous = NORMAL")
+    lock = WriterLock(Path(db))
+    while time.time() < start_at:
+        time.sleep(0.0005)
+    done = 0
+    while True:
+        now = time.time()
+        lock.acquire()
+        conn.execute("BEGIN IMMEDIATE")
+        row = conn.execute(
+            f"SELECT {COLS} FROM tasks INDEXED BY tasks_claimable WHERE state = 'pending' "
+            "AND gpu_pref = 0 AND requires_key = '' AND available_at <= ? "
+            "ORDER BY priority DESC, submitted_at, task_id LIMIT 1",
+            (now,),
+        ).fetchone()
+        if row is not None:
+            lease = secrets.token_hex(16)
+            conn.execute(
+                "UPDATE tasks SET state = 'claimed', worker_id = ?, lease_id = ?, "
+                "lease_expires_at = ? + lease_seconds, claimed_at = ?, updated_at = ? "
+                "WHERE seq = ?",
+                (worker_id, lease, now, now, now, row[0]),
+            )
+        conn.execute("COMMIT")
+        lock.release()
+        if row is None:
+            break
+        lock.acquire()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "UPDATE tasks SET state = 'completed', result = '{\"ok\":true}', "
+            "lease_expires_at = NULL, completed_at = ?, updated_at = ? "
+            "WHERE seq = ? AND lease_id = ? AND state = 'claimed'",
+            (now, now, row[0], lease),
+        )
+        conn.execute("COMMIT")
+        lock.release()
+        done += 1
+    out.put((done, time.time()))
+    lock.close()
+    conn.close()
+
+
 def lock_share(template: Path, workdir: Path) -> float:
     """Fraction of a single worker's claim -> complete time spent holding the writer lock:
     the serial part, so ``1 / share`` bounds the speed-up of any number of processes."""
@@ -189,7 +241,9 @@ def lock_share(template: Path, workdir: Path) -> float:
     return held[0] / total
 
 
-def drain_rate(templates: list[Path], workdir: Path, n_procs: int, tag: str) -> float:
+def drain_rate(
+    templates: list[Path], workdir: Path, n_procs: int, tag: str, target: Any = _drain
+) -> float:
     """Tasks/s of ``n_procs`` claim -> complete workers; worker k drains a copy of
     ``templates[k % len(templates)]`` (one template: every worker shares one file)."""
     dbs = []
@@ -201,7 +255,7 @@ def drain_rate(templates: list[Path], workdir: Path, n_procs: int, tag: str) -> 
     out: mp.Queue = ctx.Queue()
     start_at = time.time() + 1.0 + 0.25 * n_procs  # every interpreter up before the start
     procs = [
-        ctx.Process(target=_drain, args=(str(dbs[k % len(dbs)]), f"w{k}", start_at, out))
+        ctx.Process(target=target, args=(str(dbs[k % len(dbs)]), f"w{k}", start_at, out))
         for k in range(n_procs)
     ]
     for p in procs:
@@ -273,12 +327,16 @@ def main() -> None:
         part = work / "mp-part.sqlite"
         fill(part, args.mp_tasks // args.workers, prefix="mp")
         checkpoint(part)
-        ones, manys, privs = [], [], []
+        ones, manys, privs, raw_ones, raw_manys = [], [], [], [], []
         for r in range(args.mp_rounds):
             ones.append(drain_rate([template], work, 1, f"1-{r}"))
             manys.append(drain_rate([template], work, args.workers, f"n-{r}"))
             privs.append(drain_rate([part] * args.workers, work, args.workers, f"p-{r}"))
-        one, many, priv = (statistics.median(x) for x in (ones, manys, privs))
+            raw_ones.append(drain_rate([template], work, 1, f"r1-{r}", _raw_drain))
+            raw_manys.append(drain_rate([template], work, args.workers, f"rn-{r}", _raw_drain))
+        one, many, priv, raw_one, raw_many = (
+            statistics.median(x) for x in (ones, manys, privs, raw_ones, raw_manys)
+        )
 
         def rounds(xs: list[float]) -> str:
             return ", ".join(f"{x:,.0f}" for x in xs)
@@ -290,9 +348,12 @@ def main() -> None:
         print(f"{n} processes, one shared file: {many:>7,.0f} tasks/s  ({rounds(manys)})")
         print(f"{n} processes, private files:   {priv:>7,.0f} tasks/s  ({rounds(privs)})"
               "  <- the machine's parallel capacity now")
+        print(f"raw SQLite, 1 process:         {raw_one:>7,.0f} tasks/s  ({rounds(raw_ones)})")
+        print(f"raw SQLite, {n} processes:       {raw_many:>7,.0f} tasks/s  ({rounds(raw_manys)})"
+              "  <- same SQL, same flock")
         print(f"ratio {args.workers} shared / 1: {many / one:.2f}x (target >= 1.5x); "
               f"{args.workers} private / 1: {priv / one:.2f}x; "
-              f"shared / private: {many / priv:.2f}")
+              f"shared / private: {many / priv:.2f}; raw SQLite {n} / 1: {raw_many / raw_one:.2f}x")
         share = lock_share(template, work)
         print(f"writer lock held {share:.0%} of a single worker's time -> speed-up bound "
               f"{min(1 / share, os.cpu_count() or 1):.2f}x on {os.cpu_count()} cores")
