@@ -22,19 +22,39 @@ from dataclasses import dataclass
 from typing import Any
 
 import multiaddr
+import trio
 from libp2p import new_host
-from libp2p.abc import IHost
+from libp2p.abc import IHost, IMultiselectCommunicator
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.serialization import deserialize_private_key
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.host.basic_host import _IdentifyNotifee
+from libp2p.io.exceptions import ConnectionClosedError, IOException
+from libp2p.io.trio import TrioTCPStream
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.swarm import Swarm
+from libp2p.network.tag_store import TagStoreNotifee
+from libp2p.protocol_muxer.exceptions import (
+    MultiselectClientError,
+    MultiselectCommunicatorError,
+    ProtocolNotSupportedError,
+)
+from libp2p.protocol_muxer.multiselect_client import (
+    DEFAULT_NEGOTIATE_TIMEOUT,
+    MULTISELECT_PROTOCOL_ID,
+    PROTOCOL_NOT_FOUND_MSG,
+    MultiselectClient,
+)
+from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.pubsub_notifee import PubsubNotifee
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
+from libp2p.utils.varint import encode_delim
 
 from node.identity import Identity
 
@@ -75,6 +95,120 @@ def _patch_yamux() -> None:
     YamuxStream._auto_tune_and_send_window_update = _go_yamux_window_update  # type: ignore[method-assign]
 
 
+_TCP_READ_SIZE = 65536
+
+
+async def _buffered_tcp_read(self: Any, n: int | None = None) -> bytes:
+    """``TrioTCPStream.read`` that receives up to 64 KiB per syscall and serves reads from it.
+
+    py-libp2p 0.8.1 asks the socket for exactly what each layer wants next: the 2-byte Noise
+    length, then the frame, so every encrypted frame cost two ``recv`` calls and two trips
+    through trio's scheduler, and frames that arrived together were still read one by one.
+    Same bytes, same order, same end-of-stream and error behaviour; only fewer syscalls.
+    """
+    async with self.read_lock:
+        if n == 0:
+            return b""
+        pending: memoryview | None = getattr(self, "_dsi_pending", None)
+        if not pending:
+            try:
+                data = await self.stream.receive_some(_TCP_READ_SIZE)
+            except trio.BrokenResourceError as error:
+                raise ConnectionClosedError(
+                    f"TCP connection reset by remote peer: {error}", transport="tcp"
+                ) from error
+            except trio.ClosedResourceError:
+                return b""  # closed locally: EOF, as the library does
+            if n is None or len(data) <= n:
+                return data
+            pending = memoryview(data)
+        take = len(pending) if n is None else min(n, len(pending))
+        out = bytes(pending[:take])
+        self._dsi_pending = pending[take:]
+        return out
+
+
+# Stream callbacks known to do nothing (py-libp2p 0.8.1's own notifees, and ours in node.py).
+NOOP_STREAM_CALLBACKS: set[Any] = {
+    TagStoreNotifee.opened_stream,
+    TagStoreNotifee.closed_stream,
+    _IdentifyNotifee.opened_stream,
+    _IdentifyNotifee.closed_stream,
+    PubsubNotifee.opened_stream,
+    PubsubNotifee.closed_stream,
+}
+_library_notify = Swarm._notify
+
+
+async def _notify_skipping_noops(self: Any, method: str, *args: Any) -> None:
+    """``Swarm._notify`` without the fan-out when every callback is a known no-op.
+
+    py-libp2p 0.8.1 opens a nursery and starts one task per notifee for *every* stream opened
+    and closed, on both sides; all four notifees a dsi host has ignore stream events, so a
+    request/response stream paid ~16 task spawns for nothing. Connection events, and any
+    notifee that does handle streams, still go through the library's own fan-out.
+    """
+    if method in ("opened_stream", "closed_stream") and all(
+        getattr(type(n), method, None) in NOOP_STREAM_CALLBACKS for n in self.notifees
+    ):
+        return
+    await _library_notify(self, method, *args)
+
+
+def _patch_tcp() -> None:
+    if os.environ.get("DSI_TCP_UNBUFFERED") == "1":  # escape hatch, for comparison
+        return
+    TrioTCPStream.read = _buffered_tcp_read  # type: ignore[method-assign]
+
+
+def _patch_stream_notifications() -> None:
+    if os.environ.get("DSI_NOTIFY_EVERY_STREAM") == "1":  # escape hatch, for comparison
+        return
+    Swarm._notify = _notify_skipping_noops  # type: ignore[method-assign]
+
+
+class PipelinedMultiselectClient(MultiselectClient):
+    """multistream-select that sends the header and the one protocol id together.
+
+    py-libp2p 0.8.1 writes ``/multistream/1.0.0``, waits for the echo, then writes the
+    protocol id and waits again: two round trips and two encrypted frames before a stream
+    carries a byte. go-libp2p and js-libp2p send both messages at once (the spec allows it:
+    the listener reads them in order), which saves one round trip and one frame per stream.
+    The bytes on the wire are the same two varint-delimited messages. Several protocol
+    choices (or a communicator of another kind) go through the library's own negotiation.
+    """
+
+    async def select_one_of(
+        self,
+        protocols: Sequence[TProtocol],
+        communicator: IMultiselectCommunicator,
+        negotiate_timeout: int = DEFAULT_NEGOTIATE_TIMEOUT,
+    ) -> TProtocol:
+        if len(protocols) != 1 or not isinstance(communicator, MultiselectCommunicator):
+            return await super().select_one_of(protocols, communicator, negotiate_timeout)
+        protocol = protocols[0]
+        with trio.move_on_after(negotiate_timeout):
+            try:
+                await communicator.read_writer.write(
+                    encode_delim(MULTISELECT_PROTOCOL_ID.encode()) + encode_delim(protocol.encode())
+                )
+            except (IOException, AssertionError, ValueError) as exc:
+                raise MultiselectClientError(f"protocol write failed: {exc}") from exc
+            try:
+                header = await communicator.read()
+                response = await communicator.read()
+            except MultiselectCommunicatorError as exc:
+                raise MultiselectClientError(f"protocol read failed: {exc}") from exc
+            if header != MULTISELECT_PROTOCOL_ID:
+                raise MultiselectClientError(f"multiselect header mismatch: got {header!r}")
+            if response == protocol:
+                return protocol
+            if response == PROTOCOL_NOT_FOUND_MSG:
+                raise ProtocolNotSupportedError(f"protocol not supported: {protocol}")
+            raise MultiselectClientError(f"unexpected answer {response!r} to {protocol}")
+        raise MultiselectClientError(f"negotiating {protocol} timed out after {negotiate_timeout}s")
+
+
 def quiet_libp2p_logging() -> None:
     """py-libp2p logs routine peer churn at WARNING; keep it out of users' stderr unless they
     asked for it with LIBP2P_DEBUG."""
@@ -97,6 +231,8 @@ class HostParts:
 def build_host(identity: Identity, listen_addrs: Sequence[str]) -> HostParts:
     quiet_libp2p_logging()
     _patch_yamux()
+    _patch_tcp()
+    _patch_stream_notifications()
     key_pair = key_pair_of(identity)
     noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
     addrs = [multiaddr.Multiaddr(a) for a in listen_addrs]
@@ -107,6 +243,7 @@ def build_host(identity: Identity, listen_addrs: Sequence[str]) -> HostParts:
         listen_addrs=addrs,
         connection_config=ConnectionConfig(max_connections_per_peer=1),
     )
+    host.multiselect_client = PipelinedMultiselectClient()  # type: ignore[attr-defined]
     gossipsub = GossipSub(
         protocols=list(MESHSUB_PROTOCOLS),
         degree=6,

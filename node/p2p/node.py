@@ -51,7 +51,7 @@ from node.errors import (
     PeerError,
 )
 from node.p2p._errors import from_error_response, to_error_response
-from node.p2p._host import HostParts, build_host, stop_auto_connector
+from node.p2p._host import NOOP_STREAM_CALLBACKS, HostParts, build_host, stop_auto_connector
 from node.p2p.blocks import LocalBlockSource, PeerBlockFetcher
 from node.p2p.offers import OfferTable, RemoteOffer, rank_key
 from node.p2p.settings import P2PSettings
@@ -158,6 +158,10 @@ class _Notifee(INotifee):
 
     async def listen_close(self, network: Any, multiaddr: Any) -> None:
         return None
+
+
+# Stream events do nothing here: the host skips their fan-out (see node.p2p._host).
+NOOP_STREAM_CALLBACKS.update({_Notifee.opened_stream, _Notifee.closed_stream})
 
 
 class OwnerAuthority:
