@@ -15,8 +15,10 @@ implementations interoperate.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +49,8 @@ from libp2p.protocol_muxer.multiselect_client import (
     MultiselectClient,
 )
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
+from libp2p.pubsub import gossipsub as gossipsub_module
+from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.pubsub_notifee import PubsubNotifee
@@ -155,6 +159,84 @@ async def _notify_skipping_noops(self: Any, method: str, *args: Any) -> None:
     await _library_notify(self, method, *args)
 
 
+# Gossip: go-libp2p sends IDONTWANT only for received messages of at least 1 KiB.
+IDONTWANT_MIN_BYTES = 1024
+_idontwant_wanted: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "dsi_idontwant_wanted", default=True
+)
+
+
+class DsiGossipSub(GossipSub):
+    """GossipSub that sends IDONTWANT the way go-libp2p does.
+
+    py-libp2p 0.8.1 sends an IDONTWANT control RPC to every v1.2 mesh peer for *every*
+    message it publishes or forwards, its own included (telling the peers it is about to send
+    the message to that it does not want it). go-libp2p sends one only for a message it
+    received from someone else that is at least 1 KiB, where skipping a duplicate pays for
+    the control message. Announcements are a few hundred bytes, so py-libp2p doubled the RPCs
+    per announcement. IDONTWANT is an optional hint in gossipsub v1.2; nothing else changes.
+    """
+
+    async def publish(self, msg_forwarder: Any, pubsub_msg: Any) -> None:
+        own = self.pubsub is not None and msg_forwarder == self.pubsub.my_id
+        token = _idontwant_wanted.set(not own and pubsub_msg.ByteSize() >= IDONTWANT_MIN_BYTES)
+        try:
+            await super().publish(msg_forwarder, pubsub_msg)
+        finally:
+            _idontwant_wanted.reset(token)
+
+    async def _emit_idontwant_for_message(self, msg_id: bytes, topic_ids: Any) -> None:
+        if _idontwant_wanted.get():
+            await super()._emit_idontwant_for_message(msg_id, topic_ids)
+
+
+SIGNED_RECORD_REUSE = 1.0  # seconds the host's own signed peer record is reused as is
+SIGNED_RECORD_RECHECK = 60.0  # seconds before an unchanged record from a peer is consumed again
+_library_env_to_send = pubsub_module.env_to_send_in_RPC
+_library_consume_record = pubsub_module.maybe_consume_signed_record
+
+
+def _env_to_send_cached(host: Any) -> tuple[bytes, bool]:
+    """py-libp2p attaches the host's signed peer record to every pubsub RPC and rebuilds the
+    host's address list to check it each time; reuse it for ``SIGNED_RECORD_REUSE``."""
+    now = time.monotonic()
+    cached = getattr(host, "_dsi_sender_record", None)
+    if cached is not None and now - cached[0] < SIGNED_RECORD_REUSE:
+        return cached[1], False
+    envelope, fresh = _library_env_to_send(host)
+    host._dsi_sender_record = (now, envelope)
+    return envelope, fresh
+
+
+def _consume_record_once(msg: Any, host: Any, peer_id: Any) -> bool:
+    """... and the receiver parses and signature-checks that record on every RPC. The same
+    bytes from the same peer were checked and stored already: skip them (re-checked every
+    ``SIGNED_RECORD_RECHECK`` s, which also refreshes the peerstore entry's TTL)."""
+    if not msg.HasField("senderRecord"):
+        return True
+    seen: dict[Any, tuple[float, bytes]] | None = getattr(host, "_dsi_peer_records", None)
+    if seen is None:
+        seen = host._dsi_peer_records = {}
+    now = time.monotonic()
+    last = seen.get(peer_id)
+    if last is not None and last[1] == msg.senderRecord and now - last[0] < SIGNED_RECORD_RECHECK:
+        return True
+    ok = _library_consume_record(msg, host, peer_id)
+    if ok:
+        if len(seen) >= 4096:  # bounded: forget everyone, re-check on their next RPC
+            seen.clear()
+        seen[peer_id] = (now, msg.senderRecord)
+    return bool(ok)
+
+
+def _patch_pubsub_records() -> None:
+    if os.environ.get("DSI_PUBSUB_RECORD_EVERY_RPC") == "1":  # escape hatch, for comparison
+        return
+    for module in (pubsub_module, gossipsub_module):
+        module.env_to_send_in_RPC = _env_to_send_cached  # type: ignore[attr-defined]
+        module.maybe_consume_signed_record = _consume_record_once  # type: ignore[attr-defined]
+
+
 def _patch_tcp() -> None:
     if os.environ.get("DSI_TCP_UNBUFFERED") == "1":  # escape hatch, for comparison
         return
@@ -225,7 +307,7 @@ def key_pair_of(identity: Identity) -> KeyPair:
 class HostParts:
     host: IHost
     pubsub: Pubsub
-    gossipsub: GossipSub
+    gossipsub: DsiGossipSub
 
 
 def build_host(identity: Identity, listen_addrs: Sequence[str]) -> HostParts:
@@ -233,6 +315,7 @@ def build_host(identity: Identity, listen_addrs: Sequence[str]) -> HostParts:
     _patch_yamux()
     _patch_tcp()
     _patch_stream_notifications()
+    _patch_pubsub_records()
     key_pair = key_pair_of(identity)
     noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
     addrs = [multiaddr.Multiaddr(a) for a in listen_addrs]
@@ -244,7 +327,7 @@ def build_host(identity: Identity, listen_addrs: Sequence[str]) -> HostParts:
         connection_config=ConnectionConfig(max_connections_per_peer=1),
     )
     host.multiselect_client = PipelinedMultiselectClient()  # type: ignore[attr-defined]
-    gossipsub = GossipSub(
+    gossipsub = DsiGossipSub(
         protocols=list(MESHSUB_PROTOCOLS),
         degree=6,
         degree_low=4,
