@@ -8,20 +8,16 @@ overrides a tombstone.
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from node.tasks import TAG_GPU_PREFERRED, is_gpu_worker
 from protocols.pb import task_pb2 as pb
 
 _TERMINAL = frozenset({pb.TASK_STATE_COMPLETED, pb.TASK_STATE_FAILED, pb.TASK_STATE_CANCELLED})
-
-
-def covers(capabilities: frozenset[str], requires: Iterable[str]) -> bool:
-    """Hard requirements, case-insensitive, never waived (as in the local queue)."""
-    return all(r.casefold() in capabilities for r in requires)
 
 
 def gpu_preferred(offer: pb.TaskOffer) -> bool:
@@ -46,6 +42,23 @@ class RemoteOffer:
     # lists across workers, while every worker hears the same gossip, so listed offers are
     # preferred - fewer workers race for one task.
     listed: bool = False
+    # Worked out once: a worker ranks the whole table on every claim, and tables hold
+    # thousands of offers. ``keys[gpu_worker]`` is ``OfferTable.key``.
+    # Hard requirements, case-folded: never waived (as in the local queue).
+    requires: frozenset[str] = field(init=False, repr=False)
+    keys: tuple[tuple[int, int, int, float, str], ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        o = self.offer
+        self.requires = frozenset(r.casefold() for r in o.requires)
+        preferred = gpu_preferred(o)
+        keys = []
+        for gpu_worker in (False, True):
+            group, priority, submitted, task_id = rank_key(
+                gpu_worker, o.priority, preferred, o.submitted_at_ms / 1000, o.task_id
+            )
+            keys.append((group, priority, 0 if self.listed else 1, submitted, task_id))
+        self.keys = tuple(keys)
 
     @property
     def owner(self) -> str:
@@ -128,25 +141,21 @@ class OfferTable:
     ) -> list[RemoteOffer]:
         """Offers these (normalised) capabilities can take, best first (``rank_key``)."""
         gpu = is_gpu_worker(capabilities)
-        skip = set(exclude_owners)
-        fits = [
-            o
-            for o in self._offers.values()
-            if o.owner not in skip and covers(capabilities, o.offer.requires)
-        ]
-        fits.sort(key=lambda o: self.key(o, gpu))
+        fits = self._fitting(capabilities, exclude_owners)
+        fits.sort(key=lambda o: o.keys[gpu])
         return fits
+
+    def _fitting(
+        self, capabilities: frozenset[str], exclude_owners: Iterable[str]
+    ) -> list[RemoteOffer]:
+        skip = set(exclude_owners)
+        return [
+            o for o in self._offers.values() if o.owner not in skip and o.requires <= capabilities
+        ]
 
     @staticmethod
     def key(o: RemoteOffer, gpu_worker: bool) -> tuple[int, int, int, float, str]:
-        group, priority, submitted, task_id = rank_key(
-            gpu_worker,
-            o.offer.priority,
-            gpu_preferred(o.offer),
-            o.offer.submitted_at_ms / 1000,
-            o.task_id,
-        )
-        return (group, priority, 0 if o.listed else 1, submitted, task_id)
+        return o.keys[gpu_worker]
 
     def pick(
         self,
@@ -158,15 +167,17 @@ class OfferTable:
         """The best offer. Among offers heard on gossip (the same at every worker) it is one
         of the first ``spread`` of the best group and priority, at random, so workers reading
         the same announcements rarely race for one task."""
-        ranked = self.ranked(capabilities, exclude_owners=exclude_owners)
-        if not ranked:
-            return None
-        if ranked[0].listed:
-            return ranked[0]  # the owner already spread its list: keep its exact order
         gpu = is_gpu_worker(capabilities)
-        best = self.key(ranked[0], gpu)[:3]
-        pool = [o for o in ranked[:spread] if self.key(o, gpu)[:3] == best]
-        return random.choice(pool)
+        # The first ``spread`` of the ranking, without sorting the rest of the table.
+        top = heapq.nsmallest(
+            max(spread, 1), self._fitting(capabilities, exclude_owners), key=lambda o: o.keys[gpu]
+        )
+        if not top:
+            return None
+        if top[0].listed:
+            return top[0]  # the owner already spread its list: keep its exact order
+        best = top[0].keys[gpu][:3]
+        return random.choice([o for o in top if o.keys[gpu][:3] == best])
 
     def snapshot(self) -> list[dict[str, object]]:
         return [
