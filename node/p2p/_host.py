@@ -40,8 +40,10 @@ from libp2p.network.tag_store import TagStoreNotifee
 from libp2p.protocol_muxer.exceptions import (
     MultiselectClientError,
     MultiselectCommunicatorError,
+    MultiselectError,
     ProtocolNotSupportedError,
 )
+from libp2p.protocol_muxer.multiselect import Multiselect
 from libp2p.protocol_muxer.multiselect_client import (
     DEFAULT_NEGOTIATE_TIMEOUT,
     MULTISELECT_PROTOCOL_ID,
@@ -291,6 +293,78 @@ class PipelinedMultiselectClient(MultiselectClient):
         raise MultiselectClientError(f"negotiating {protocol} timed out after {negotiate_timeout}s")
 
 
+def _buffered_bytes(stream: Any) -> int:
+    """Bytes the yamux stream under ``stream`` has received and nobody has read yet."""
+    muxed = getattr(stream, "muxed_stream", None)
+    buffers = getattr(getattr(muxed, "conn", None), "stream_buffers", None)
+    if not isinstance(buffers, dict):
+        return 0
+    return len(buffers.get(getattr(muxed, "stream_id", None)) or b"")
+
+
+class EchoOnceMultiselect(Multiselect):
+    """The listener side of multistream-select, answering a pipelined dialer in one frame.
+
+    py-libp2p 0.8.1 writes its ``/multistream/1.0.0`` line before reading anything, then the
+    protocol echo: two encrypted frames per inbound stream. When the dialer sent its header
+    and protocol id together (go, js and dsi dialers do), both are already buffered once the
+    header is read, so the header and the protocol echo go out in one frame. A dialer that
+    waits for our header first finds nothing buffered and gets it at once, as before; "ls",
+    "na" and unknown protocols take the library's path. Same bytes on the wire either way.
+    """
+
+    async def negotiate(
+        self,
+        communicator: IMultiselectCommunicator,
+        negotiate_timeout: int = DEFAULT_NEGOTIATE_TIMEOUT,
+    ) -> tuple[TProtocol | None, Any]:
+        if not isinstance(communicator, MultiselectCommunicator):
+            return await super().negotiate(communicator, negotiate_timeout)
+        try:
+            with trio.fail_after(negotiate_timeout):
+                try:
+                    header = await communicator.read()
+                    if header != MULTISELECT_PROTOCOL_ID:
+                        raise MultiselectError(f"multiselect header mismatch: got {header!r}")
+                    if _buffered_bytes(communicator.read_writer):
+                        command = await communicator.read()
+                        protocol = TProtocol(command) if command else None
+                        if command != "ls" and protocol in self.handlers:
+                            await communicator.read_writer.write(
+                                encode_delim(MULTISELECT_PROTOCOL_ID.encode())
+                                + encode_delim(command.encode())
+                            )
+                            return protocol, self.handlers[protocol]
+                        await communicator.write(MULTISELECT_PROTOCOL_ID)
+                        return await self._after_handshake(communicator, command)
+                    await communicator.write(MULTISELECT_PROTOCOL_ID)
+                    return await self._after_handshake(communicator, None)
+                except MultiselectCommunicatorError as error:
+                    raise MultiselectError() from error
+                except (IOException, AssertionError, ValueError) as error:
+                    raise MultiselectError() from error
+        except trio.TooSlowError:
+            raise MultiselectError("handshake read timeout") from None
+
+    async def _after_handshake(
+        self, communicator: MultiselectCommunicator, command: str | None
+    ) -> tuple[TProtocol | None, Any]:
+        """The library's command loop, starting with an already read ``command``."""
+        while True:
+            if command is None:
+                command = await communicator.read()
+            if command == "ls":
+                listed = [p for p in self.handlers if p is not None]
+                await communicator.write("\n".join(listed) + "\n")
+            else:
+                protocol = TProtocol(command) if command else None
+                if protocol in self.handlers:
+                    await communicator.write(command)
+                    return protocol, self.handlers[protocol]
+                await communicator.write(PROTOCOL_NOT_FOUND_MSG)
+            command = None
+
+
 def quiet_libp2p_logging() -> None:
     """py-libp2p logs routine peer churn at WARNING; keep it out of users' stderr unless they
     asked for it with LIBP2P_DEBUG."""
@@ -327,6 +401,10 @@ def build_host(identity: Identity, listen_addrs: Sequence[str]) -> HostParts:
         connection_config=ConnectionConfig(max_connections_per_peer=1),
     )
     host.multiselect_client = PipelinedMultiselectClient()  # type: ignore[attr-defined]
+    if os.environ.get("DSI_MULTISELECT_TWO_FRAMES") != "1":  # escape hatch, for comparison
+        host.multiselect = EchoOnceMultiselect(  # type: ignore[attr-defined]
+            dict(host.multiselect.handlers)  # type: ignore[attr-defined]
+        )
     gossipsub = DsiGossipSub(
         protocols=list(MESHSUB_PROTOCOLS),
         degree=6,
