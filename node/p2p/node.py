@@ -101,6 +101,12 @@ def _has_tag(tags: Iterable[str], tag: str) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
+def _peer_id(value: str) -> ID:
+    """``ID.from_base58``, decoded once per peer: workers name an owner on every call."""
+    return ID.from_base58(value)
+
+
+@functools.lru_cache(maxsize=4096)
 def _looks_like_peer_id(value: str | None) -> bool:
     if not value or len(value) < 40:
         return False
@@ -604,7 +610,7 @@ class Node:
                 await self._disconnect_wake.wait()
 
     async def _ensure_connected(self, owner: str, addrs: Iterable[str]) -> ID:
-        peer = ID.from_base58(owner)
+        peer = _peer_id(owner)
         if self._is_connected(peer):
             return peer
         mas = []
@@ -1292,7 +1298,7 @@ class Node:
                 if ro is None:
                     raise
                 owner = ro.owner
-        peer = ID.from_base58(owner)
+        peer = _peer_id(owner)
         try:
             ro = self.offers.get(task_id)
             await self._ensure_connected(owner, ro.offer.owner_addrs if ro else ())
