@@ -51,7 +51,8 @@ from node.errors import (
     PeerError,
 )
 from node.p2p._errors import from_error_response, to_error_response
-from node.p2p._host import NOOP_STREAM_CALLBACKS, HostParts, build_host, stop_auto_connector
+from node.p2p._host import HostParts, build_host, stop_auto_connector
+from node.p2p._libp2p_fixes import NOOP_STREAM_CALLBACKS
 from node.p2p.blocks import LocalBlockSource, PeerBlockFetcher
 from node.p2p.offers import OfferTable, RemoteOffer, rank_key
 from node.p2p.settings import P2PSettings
@@ -166,7 +167,7 @@ class _Notifee(INotifee):
         return None
 
 
-# Stream events do nothing here: the host skips their fan-out (see node.p2p._host).
+# Stream events do nothing here: the host skips their fan-out (node.p2p._libp2p_fixes).
 NOOP_STREAM_CALLBACKS.update({_Notifee.opened_stream, _Notifee.closed_stream})
 
 

@@ -1,0 +1,375 @@
+"""Workarounds for py-libp2p 0.8.1, each measured here, each with a switch to turn it off.
+
+None changes what a peer sees except fewer frames and control messages, so go-, js- and
+py-libp2p peers interoperate as before (``tests/test_p2p_interop_js.py`` negotiates both ways).
+Process-wide ones are installed by ``install()`` (idempotent); per-host ones by ``fit_host``.
+
+==========================================  ==============================================
+what py-libp2p 0.8.1 does                     what we do instead (switch to turn it off)
+==========================================  ==============================================
+a yamux WINDOW_UPDATE after every read        go-yamux credit: after half the window is read
+                                              (``DSI_YAMUX_PER_READ_UPDATES=1``)
+two ``recv`` calls per Noise frame            64 KiB per ``recv``, reads served from it
+                                              (``DSI_TCP_UNBUFFERED=1``)
+a nursery + task per notifee on every         nothing when every notifee ignores streams
+stream open/close                             (``DSI_NOTIFY_EVERY_STREAM=1``)
+IDONTWANT for every message, own included     only for received messages >= 1 KiB, as go
+signed peer record rebuilt for, and checked   built once a second, checked once per peer a
+on, every pubsub RPC                          minute (``DSI_PUBSUB_RECORD_EVERY_RPC=1``)
+dialer: header, wait, protocol, wait          header and protocol in one frame
+listener: header and echo in two frames       one frame when the dialer pipelined
+                                              (``DSI_MULTISELECT_TWO_FRAMES=1``)
+==========================================  ==============================================
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+from libp2p.abc import IHost, IMultiselectCommunicator
+from libp2p.custom_types import TProtocol
+from libp2p.host.basic_host import _IdentifyNotifee
+from libp2p.io.exceptions import ConnectionClosedError, IOException
+from libp2p.io.trio import TrioTCPStream
+from libp2p.network.swarm import Swarm
+from libp2p.network.tag_store import TagStoreNotifee
+from libp2p.protocol_muxer.exceptions import (
+    MultiselectClientError,
+    MultiselectCommunicatorError,
+    MultiselectError,
+    ProtocolNotSupportedError,
+)
+from libp2p.protocol_muxer.multiselect import Multiselect
+from libp2p.protocol_muxer.multiselect_client import (
+    DEFAULT_NEGOTIATE_TIMEOUT,
+    MULTISELECT_PROTOCOL_ID,
+    PROTOCOL_NOT_FOUND_MSG,
+    MultiselectClient,
+)
+from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
+from libp2p.pubsub import gossipsub as gossipsub_module
+from libp2p.pubsub import pubsub as pubsub_module
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub_notifee import PubsubNotifee
+from libp2p.stream_muxer.yamux.yamux import YamuxStream
+from libp2p.utils.varint import encode_delim
+
+# py-libp2p's yamux sends a WINDOW_UPDATE after *every* read by default; gossipsub reads its
+# varint prefixes one byte at a time, so each message cost dozens of extra frames (measured:
+# 70 -> 28 frames and -25% CPU per gossip message). "0" restores go-yamux semantics (credit
+# returned once half the window is consumed), which every yamux peer expects anyway.
+os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+
+
+async def _go_yamux_window_update(self: Any, *, bytes_read: int = 0) -> None:
+    """go-yamux receive-window credit: return consumed bytes to the sender once they reach
+    half the window, not after every read.
+
+    py-libp2p 0.8.1 sends a WINDOW_UPDATE frame after *every* read that consumed bytes (its
+    "partial slack" branch ignores every knob), and multistream-select and gossipsub read
+    varint prefixes one byte at a time: a request/response stream cost ~6 extra encrypted
+    frames and syscalls per side. Credit is the same protocol either way, so every yamux
+    peer (go, js, rust, py) interoperates; only the batching changes.
+    """
+    total = 0
+    async with self.window_lock:
+        if bytes_read > 0:
+            self._pending_recv_release += bytes_read
+        if self._pending_recv_release >= max(self._grow_threshold(), 1):
+            total = self._pending_recv_release
+            self._pending_recv_release = 0
+            self.recv_window += total
+    if total > 0:
+        await self.send_window_update(total, skip_lock=True)
+
+
+def _patch_yamux() -> None:
+    if os.environ.get("DSI_YAMUX_PER_READ_UPDATES") == "1":  # escape hatch, for comparison
+        return
+    YamuxStream._auto_tune_and_send_window_update = _go_yamux_window_update  # type: ignore[method-assign]
+
+
+_TCP_READ_SIZE = 65536
+
+
+async def _buffered_tcp_read(self: Any, n: int | None = None) -> bytes:
+    """``TrioTCPStream.read`` that receives up to 64 KiB per syscall and serves reads from it.
+
+    py-libp2p 0.8.1 asks the socket for exactly what each layer wants next: the 2-byte Noise
+    length, then the frame, so every encrypted frame cost two ``recv`` calls and two trips
+    through trio's scheduler, and frames that arrived together were still read one by one.
+    Same bytes, same order, same end-of-stream and error behaviour; only fewer syscalls.
+    """
+    async with self.read_lock:
+        if n == 0:
+            return b""
+        pending: memoryview | None = getattr(self, "_dsi_pending", None)
+        if not pending:
+            try:
+                data = await self.stream.receive_some(_TCP_READ_SIZE)
+            except trio.BrokenResourceError as error:
+                raise ConnectionClosedError(
+                    f"TCP connection reset by remote peer: {error}", transport="tcp"
+                ) from error
+            except trio.ClosedResourceError:
+                return b""  # closed locally: EOF, as the library does
+            if n is None or len(data) <= n:
+                return data
+            pending = memoryview(data)
+        take = len(pending) if n is None else min(n, len(pending))
+        out = bytes(pending[:take])
+        self._dsi_pending = pending[take:]
+        return out
+
+
+# Stream callbacks known to do nothing (py-libp2p 0.8.1's own notifees, and ours in node.py).
+NOOP_STREAM_CALLBACKS: set[Any] = {
+    TagStoreNotifee.opened_stream,
+    TagStoreNotifee.closed_stream,
+    _IdentifyNotifee.opened_stream,
+    _IdentifyNotifee.closed_stream,
+    PubsubNotifee.opened_stream,
+    PubsubNotifee.closed_stream,
+}
+_library_notify = Swarm._notify
+
+
+async def _notify_skipping_noops(self: Any, method: str, *args: Any) -> None:
+    """``Swarm._notify`` without the fan-out when every callback is a known no-op.
+
+    py-libp2p 0.8.1 opens a nursery and starts one task per notifee for *every* stream opened
+    and closed, on both sides; all four notifees a dsi host has ignore stream events, so a
+    request/response stream paid ~16 task spawns for nothing. Connection events, and any
+    notifee that does handle streams, still go through the library's own fan-out.
+    """
+    if method in ("opened_stream", "closed_stream") and all(
+        getattr(type(n), method, None) in NOOP_STREAM_CALLBACKS for n in self.notifees
+    ):
+        return
+    await _library_notify(self, method, *args)
+
+
+# Gossip: go-libp2p sends IDONTWANT only for received messages of at least 1 KiB.
+IDONTWANT_MIN_BYTES = 1024
+_idontwant_wanted: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "dsi_idontwant_wanted", default=True
+)
+
+
+class DsiGossipSub(GossipSub):
+    """GossipSub that sends IDONTWANT the way go-libp2p does.
+
+    py-libp2p 0.8.1 sends an IDONTWANT control RPC to every v1.2 mesh peer for *every*
+    message it publishes or forwards, its own included (telling the peers it is about to send
+    the message to that it does not want it). go-libp2p sends one only for a message it
+    received from someone else that is at least 1 KiB, where skipping a duplicate pays for
+    the control message. Announcements are a few hundred bytes, so py-libp2p doubled the RPCs
+    per announcement. IDONTWANT is an optional hint in gossipsub v1.2; nothing else changes.
+    """
+
+    async def publish(self, msg_forwarder: Any, pubsub_msg: Any) -> None:
+        own = self.pubsub is not None and msg_forwarder == self.pubsub.my_id
+        token = _idontwant_wanted.set(not own and pubsub_msg.ByteSize() >= IDONTWANT_MIN_BYTES)
+        try:
+            await super().publish(msg_forwarder, pubsub_msg)
+        finally:
+            _idontwant_wanted.reset(token)
+
+    async def _emit_idontwant_for_message(self, msg_id: bytes, topic_ids: Any) -> None:
+        if _idontwant_wanted.get():
+            await super()._emit_idontwant_for_message(msg_id, topic_ids)
+
+
+SIGNED_RECORD_REUSE = 1.0  # seconds the host's own signed peer record is reused as is
+SIGNED_RECORD_RECHECK = 60.0  # seconds before an unchanged record from a peer is consumed again
+_library_env_to_send = pubsub_module.env_to_send_in_RPC
+_library_consume_record = pubsub_module.maybe_consume_signed_record
+
+
+def _env_to_send_cached(host: Any) -> tuple[bytes, bool]:
+    """py-libp2p attaches the host's signed peer record to every pubsub RPC and rebuilds the
+    host's address list to check it each time; reuse it for ``SIGNED_RECORD_REUSE``."""
+    now = time.monotonic()
+    cached = getattr(host, "_dsi_sender_record", None)
+    if cached is not None and now - cached[0] < SIGNED_RECORD_REUSE:
+        return cached[1], False
+    envelope, fresh = _library_env_to_send(host)
+    host._dsi_sender_record = (now, envelope)
+    return envelope, fresh
+
+
+def _consume_record_once(msg: Any, host: Any, peer_id: Any) -> bool:
+    """... and the receiver parses and signature-checks that record on every RPC. The same
+    bytes from the same peer were checked and stored already: skip them (re-checked every
+    ``SIGNED_RECORD_RECHECK`` s, which also refreshes the peerstore entry's TTL)."""
+    if not msg.HasField("senderRecord"):
+        return True
+    seen: dict[Any, tuple[float, bytes]] | None = getattr(host, "_dsi_peer_records", None)
+    if seen is None:
+        seen = host._dsi_peer_records = {}
+    now = time.monotonic()
+    last = seen.get(peer_id)
+    if last is not None and last[1] == msg.senderRecord and now - last[0] < SIGNED_RECORD_RECHECK:
+        return True
+    ok = _library_consume_record(msg, host, peer_id)
+    if ok:
+        if len(seen) >= 4096:  # bounded: forget everyone, re-check on their next RPC
+            seen.clear()
+        seen[peer_id] = (now, msg.senderRecord)
+    return bool(ok)
+
+
+def _patch_pubsub_records() -> None:
+    if os.environ.get("DSI_PUBSUB_RECORD_EVERY_RPC") == "1":  # escape hatch, for comparison
+        return
+    for module in (pubsub_module, gossipsub_module):
+        module.env_to_send_in_RPC = _env_to_send_cached  # type: ignore[attr-defined]
+        module.maybe_consume_signed_record = _consume_record_once  # type: ignore[attr-defined]
+
+
+def _patch_tcp() -> None:
+    if os.environ.get("DSI_TCP_UNBUFFERED") == "1":  # escape hatch, for comparison
+        return
+    TrioTCPStream.read = _buffered_tcp_read  # type: ignore[method-assign]
+
+
+def _patch_stream_notifications() -> None:
+    if os.environ.get("DSI_NOTIFY_EVERY_STREAM") == "1":  # escape hatch, for comparison
+        return
+    Swarm._notify = _notify_skipping_noops  # type: ignore[method-assign]
+
+
+class PipelinedMultiselectClient(MultiselectClient):
+    """multistream-select that sends the header and the one protocol id together.
+
+    py-libp2p 0.8.1 writes ``/multistream/1.0.0``, waits for the echo, then writes the
+    protocol id and waits again: two round trips and two encrypted frames before a stream
+    carries a byte. go-libp2p and js-libp2p send both messages at once (the spec allows it:
+    the listener reads them in order), which saves one round trip and one frame per stream.
+    The bytes on the wire are the same two varint-delimited messages. Several protocol
+    choices (or a communicator of another kind) go through the library's own negotiation.
+    """
+
+    async def select_one_of(
+        self,
+        protocols: Sequence[TProtocol],
+        communicator: IMultiselectCommunicator,
+        negotiate_timeout: int = DEFAULT_NEGOTIATE_TIMEOUT,
+    ) -> TProtocol:
+        if len(protocols) != 1 or not isinstance(communicator, MultiselectCommunicator):
+            return await super().select_one_of(protocols, communicator, negotiate_timeout)
+        protocol = protocols[0]
+        with trio.move_on_after(negotiate_timeout):
+            try:
+                await communicator.read_writer.write(
+                    encode_delim(MULTISELECT_PROTOCOL_ID.encode()) + encode_delim(protocol.encode())
+                )
+            except (IOException, AssertionError, ValueError) as exc:
+                raise MultiselectClientError(f"protocol write failed: {exc}") from exc
+            try:
+                header = await communicator.read()
+                response = await communicator.read()
+            except MultiselectCommunicatorError as exc:
+                raise MultiselectClientError(f"protocol read failed: {exc}") from exc
+            if header != MULTISELECT_PROTOCOL_ID:
+                raise MultiselectClientError(f"multiselect header mismatch: got {header!r}")
+            if response == protocol:
+                return protocol
+            if response == PROTOCOL_NOT_FOUND_MSG:
+                raise ProtocolNotSupportedError(f"protocol not supported: {protocol}")
+            raise MultiselectClientError(f"unexpected answer {response!r} to {protocol}")
+        raise MultiselectClientError(f"negotiating {protocol} timed out after {negotiate_timeout}s")
+
+
+def _buffered_bytes(stream: Any) -> int:
+    """Bytes the yamux stream under ``stream`` has received and nobody has read yet."""
+    muxed = getattr(stream, "muxed_stream", None)
+    buffers = getattr(getattr(muxed, "conn", None), "stream_buffers", None)
+    if not isinstance(buffers, dict):
+        return 0
+    return len(buffers.get(getattr(muxed, "stream_id", None)) or b"")
+
+
+class EchoOnceMultiselect(Multiselect):
+    """The listener side of multistream-select, answering a pipelined dialer in one frame.
+
+    py-libp2p 0.8.1 writes its ``/multistream/1.0.0`` line before reading anything, then the
+    protocol echo: two encrypted frames per inbound stream. When the dialer sent its header
+    and protocol id together (go, js and dsi dialers do), both are already buffered once the
+    header is read, so the header and the protocol echo go out in one frame. A dialer that
+    waits for our header first finds nothing buffered and gets it at once, as before; "ls",
+    "na" and unknown protocols take the library's path. Same bytes on the wire either way.
+    """
+
+    async def negotiate(
+        self,
+        communicator: IMultiselectCommunicator,
+        negotiate_timeout: int = DEFAULT_NEGOTIATE_TIMEOUT,
+    ) -> tuple[TProtocol | None, Any]:
+        if not isinstance(communicator, MultiselectCommunicator):
+            return await super().negotiate(communicator, negotiate_timeout)
+        try:
+            with trio.fail_after(negotiate_timeout):
+                try:
+                    header = await communicator.read()
+                    if header != MULTISELECT_PROTOCOL_ID:
+                        raise MultiselectError(f"multiselect header mismatch: got {header!r}")
+                    if _buffered_bytes(communicator.read_writer):
+                        command = await communicator.read()
+                        protocol = TProtocol(command) if command else None
+                        if command != "ls" and protocol in self.handlers:
+                            await communicator.read_writer.write(
+                                encode_delim(MULTISELECT_PROTOCOL_ID.encode())
+                                + encode_delim(command.encode())
+                            )
+                            return protocol, self.handlers[protocol]
+                        await communicator.write(MULTISELECT_PROTOCOL_ID)
+                        return await self._after_handshake(communicator, command)
+                    await communicator.write(MULTISELECT_PROTOCOL_ID)
+                    return await self._after_handshake(communicator, None)
+                except MultiselectCommunicatorError as error:
+                    raise MultiselectError() from error
+                except (IOException, AssertionError, ValueError) as error:
+                    raise MultiselectError() from error
+        except trio.TooSlowError:
+            raise MultiselectError("handshake read timeout") from None
+
+    async def _after_handshake(
+        self, communicator: MultiselectCommunicator, command: str | None
+    ) -> tuple[TProtocol | None, Any]:
+        """The library's command loop, starting with an already read ``command``."""
+        while True:
+            if command is None:
+                command = await communicator.read()
+            if command == "ls":
+                listed = [p for p in self.handlers if p is not None]
+                await communicator.write("\n".join(listed) + "\n")
+            else:
+                protocol = TProtocol(command) if command else None
+                if protocol in self.handlers:
+                    await communicator.write(command)
+                    return protocol, self.handlers[protocol]
+                await communicator.write(PROTOCOL_NOT_FOUND_MSG)
+            command = None
+
+
+def install() -> None:
+    """The process-wide workarounds (class and module attributes of py-libp2p)."""
+    _patch_yamux()
+    _patch_tcp()
+    _patch_stream_notifications()
+    _patch_pubsub_records()
+
+
+def fit_host(host: IHost) -> None:
+    """The per-host workarounds: multistream-select on both sides of our streams."""
+    host.multiselect_client = PipelinedMultiselectClient()  # type: ignore[attr-defined]
+    if os.environ.get("DSI_MULTISELECT_TWO_FRAMES") != "1":
+        host.multiselect = EchoOnceMultiselect(  # type: ignore[attr-defined]
+            dict(host.multiselect.handlers)  # type: ignore[attr-defined]
+        )

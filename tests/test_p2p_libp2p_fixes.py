@@ -1,0 +1,125 @@
+"""The py-libp2p 0.8.1 workarounds (node.p2p._libp2p_fixes) keep the wire behaviour intact.
+
+Real hosts on 127.0.0.1 and a real socket pair; the only instrumentation is a counter around
+the library's own raw-connection write, to check the frame savings the module claims.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from libp2p.abc import INotifee
+from libp2p.host.exceptions import StreamFailure
+from libp2p.io.trio import TrioTCPStream
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.protocol_muxer.multiselect_client import MultiselectClient
+
+from node.p2p import _libp2p_fixes
+from tests.p2p_helpers import start_nodes
+from tests.p2p_peer import ECHO_PROTOCOL, echo_handler
+
+
+async def echo_once(node: Any, peer: Any, payload: bytes) -> bytes:
+    with trio.fail_after(10):
+        stream = await node.host.new_stream(peer, [ECHO_PROTOCOL])
+        await stream.write(payload)
+        data = await stream.read(1024)
+        await stream.close()
+        return bytes(data)
+
+
+async def test_listener_serves_plain_and_pipelined_dialers(tmp_path: Path) -> None:
+    """The one-frame listener must not wait for a protocol id a plain dialer has not sent."""
+    async with start_nodes(tmp_path, [[], [0]]) as (a, b):
+        a.host.set_stream_handler(ECHO_PROTOCOL, echo_handler)
+        assert isinstance(a.host.multiselect, _libp2p_fixes.EchoOnceMultiselect)
+        peer = a.host.get_id()
+        for client in (MultiselectClient(), _libp2p_fixes.PipelinedMultiselectClient()):
+            b.host.multiselect_client = client
+            assert await echo_once(b, peer, b"hello " + type(client).__name__.encode()) == (
+                b"hello " + type(client).__name__.encode()
+            )
+            with trio.fail_after(10), pytest.raises(StreamFailure):
+                await b.host.new_stream(peer, ["/dsi-test/nobody-speaks-this/1.0.0"])
+        # and the listener keeps serving after the refusals
+        assert await echo_once(b, peer, b"still here") == b"still here"
+
+
+async def test_request_stream_frames(tmp_path: Path) -> None:
+    """An echo stream (open, negotiate, request, response, close both ways) is 8 encrypted
+    frames in all (10 with py-libp2p 0.8.1's own multistream-select on both sides)."""
+    async with start_nodes(tmp_path, [[], [0]]) as (a, b):
+        a.host.set_stream_handler(ECHO_PROTOCOL, echo_handler)
+        peer = a.host.get_id()
+        await echo_once(b, peer, b"warm-up")
+        await trio.sleep(0.3)  # let the gossip mesh settle
+        writes = 0
+        library_write = RawConnection.write
+
+        async def counting_write(self: RawConnection, data: bytes) -> None:
+            nonlocal writes
+            writes += 1
+            await library_write(self, data)
+
+        RawConnection.write = counting_write  # type: ignore[method-assign]
+        try:
+            for i in range(20):
+                assert await echo_once(b, peer, b"x%d" % i) == b"x%d" % i
+            await trio.sleep(0.2)
+        finally:
+            RawConnection.write = library_write  # type: ignore[method-assign]
+        assert writes / 20 <= 8.5, f"{writes / 20} frames per echo stream"
+
+
+async def test_buffered_tcp_read_keeps_bytes_order_and_eof() -> None:
+    _libp2p_fixes.install()
+    left, right = trio.socket.socketpair()
+    reader = TrioTCPStream(trio.SocketStream(left))
+    writer = trio.SocketStream(right)
+    with trio.fail_after(5):
+        await writer.send_all(b"abcdefghij")
+        await trio.sleep(0.05)  # all ten bytes arrive in one recv
+        assert await reader.read(3) == b"abc"
+        assert await reader.read(2) == b"de"
+        await writer.send_all(b"klm")
+        assert await reader.read(100) == b"fghij"  # what was buffered first
+        assert await reader.read() == b"klm"
+        assert await reader.read(0) == b""
+        await writer.aclose()
+        assert await reader.read(4) == b""  # end of stream
+    await reader.close()
+
+
+async def test_notifee_that_handles_streams_is_still_told(tmp_path: Path) -> None:
+    """Skipping the fan-out is only for notifees known to ignore stream events."""
+    seen: list[str] = []
+
+    class Recorder(INotifee):
+        async def opened_stream(self, network: Any, stream: Any) -> None:
+            seen.append("opened")
+
+        async def closed_stream(self, network: Any, stream: Any) -> None:
+            seen.append("closed")
+
+        async def connected(self, network: Any, conn: Any) -> None:
+            return None
+
+        async def disconnected(self, network: Any, conn: Any) -> None:
+            return None
+
+        async def listen(self, network: Any, multiaddr: Any) -> None:
+            return None
+
+        async def listen_close(self, network: Any, multiaddr: Any) -> None:
+            return None
+
+    async with start_nodes(tmp_path, [[], [0]]) as (a, b):
+        a.host.set_stream_handler(ECHO_PROTOCOL, echo_handler)
+        a.host.get_network().register_notifee(Recorder())
+        assert await echo_once(b, a.host.get_id(), b"ping") == b"ping"
+        with trio.fail_after(5):
+            while "opened" not in seen:
+                await trio.sleep(0.01)
