@@ -927,7 +927,7 @@ class Node:
             self._list_was_full[owner] = len(listed) >= self.settings.list_limit
             # The owner's answer replaces what we believed about its offers for these
             # capabilities: anything else is claimed, or listed to another worker.
-            for o in self.offers.ranked(caps):
+            for o in self.offers.fitting(caps):
                 if o.owner == owner:
                     self.offers.remove(o.task_id)
             t = trio.current_time()

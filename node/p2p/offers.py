@@ -141,13 +141,14 @@ class OfferTable:
     ) -> list[RemoteOffer]:
         """Offers these (normalised) capabilities can take, best first (``rank_key``)."""
         gpu = is_gpu_worker(capabilities)
-        fits = self._fitting(capabilities, exclude_owners)
+        fits = self.fitting(capabilities, exclude_owners)
         fits.sort(key=lambda o: o.keys[gpu])
         return fits
 
-    def _fitting(
-        self, capabilities: frozenset[str], exclude_owners: Iterable[str]
+    def fitting(
+        self, capabilities: frozenset[str], exclude_owners: Iterable[str] = ()
     ) -> list[RemoteOffer]:
+        """Offers these (normalised) capabilities can take, in no particular order."""
         skip = set(exclude_owners)
         return [
             o for o in self._offers.values() if o.owner not in skip and o.requires <= capabilities
@@ -170,7 +171,7 @@ class OfferTable:
         gpu = is_gpu_worker(capabilities)
         # The first ``spread`` of the ranking, without sorting the rest of the table.
         top = heapq.nsmallest(
-            max(spread, 1), self._fitting(capabilities, exclude_owners), key=lambda o: o.keys[gpu]
+            max(spread, 1), self.fitting(capabilities, exclude_owners), key=lambda o: o.keys[gpu]
         )
         if not top:
             return None
