@@ -1,4 +1,4 @@
-"""Run ``tests/p2p_peer.py`` nodes as separate OS processes and follow their JSON lines."""
+"""Run ``tests/p2p_peer.py`` nodes (and other JSON-line programs) as separate OS processes."""
 
 from __future__ import annotations
 
@@ -24,28 +24,37 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class PeerProcess:
-    """One node process; ``wait_for`` scans its events with a timeout (never hangs)."""
+class EventProcess:
+    """A child process that prints one JSON object per line on stdout; a thread collects them
+    in ``events`` (a line that is not JSON becomes an ``unparsed`` event) and stderr goes to
+    ``<log_dir>/<name>.stderr``."""
 
-    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log_dir: Path,
+        *,
+        cwd: Path = REPO,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.events: list[dict[str, Any]] = []
         self._cond = threading.Condition()
         log_dir.mkdir(parents=True, exist_ok=True)
         self.stderr_path = log_dir / f"{name}.stderr"
         self._stderr = open(self.stderr_path, "w")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, str(PEER_SCRIPT), *args],
+            argv,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
+            stdin=subprocess.DEVNULL,
             text=True,
-            cwd=REPO,
+            cwd=cwd,
             env=env,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.ready: dict[str, Any] = {}
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -53,12 +62,51 @@ class PeerProcess:
             try:
                 event = json.loads(line)
             except ValueError:
-                continue
+                event = {"event": "unparsed", "line": line.rstrip("\n")}
             with self._cond:
                 self.events.append(event)
                 self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        with self._cond:
+            return [e for e in self.events if e.get("event") == kind]
+
+    def stderr_tail(self, n: int = 1500) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._reader.join(timeout=5)
+        self._stderr.close()
+
+
+class PeerProcess(EventProcess):
+    """One ``tests/p2p_peer.py`` node; ``wait_for`` scans its events with a timeout."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
+        super().__init__(
+            name,
+            [sys.executable, str(PEER_SCRIPT), *args],
+            log_dir,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        self.ready: dict[str, Any] = {}
 
     def wait_for(
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str = ""
@@ -94,32 +142,6 @@ class PeerProcess:
     @property
     def peer_id(self) -> str:
         return str(self.ready["peer_id"])
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        with self._cond:
-            return [e for e in self.events if e["event"] == kind]
-
-    def stderr_tail(self, n: int = 1500) -> str:
-        try:
-            return self.stderr_path.read_text()[-n:]
-        except OSError:
-            return ""
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._reader.join(timeout=5)
-        self._stderr.close()
 
 
 class Swarm:

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -28,6 +27,7 @@ from node.p2p import open_node
 from protocols.errors import ErrorResponse
 from protocols.pb import task_pb2 as pb
 from tests.p2p_helpers import FAST, node_config, start_nodes, wait_for
+from tests.p2p_procs import EventProcess
 
 JS_PEER_DIR = Path(__file__).resolve().parent / "interop" / "js-peer"
 JS_PEER = JS_PEER_DIR / "peer.mjs"
@@ -61,53 +61,29 @@ def node_bin() -> str:
     return node
 
 
-class JsPeer:
-    """One ``peer.mjs`` process; its JSON-line events are collected by a reader thread and
-    awaited with a timeout (polling, so the trio loop and our in-process node keep running)."""
+class JsPeer(EventProcess):
+    """One ``peer.mjs`` process; its events are awaited with a timeout (polling, so the trio
+    loop and our in-process node keep running)."""
 
     def __init__(
         self, node_bin: str, role: str, args: list[str], log_dir: Path, timeout: float
     ) -> None:
-        self.role = role
-        self.events: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.stderr_path = log_dir / f"js-{role}.stderr"
-        self._stderr = open(self.stderr_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
+        super().__init__(
+            f"js-{role}",
             [node_bin, str(JS_PEER), role, "--timeout", str(timeout), *args],
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            stdin=subprocess.DEVNULL,
-            text=True,
+            log_dir,
             cwd=JS_PEER_DIR,
             env=dict(os.environ, NODE_OPTIONS=""),
         )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = {"event": "unparsed", "line": line.rstrip("\n")}
-            with self._lock:
-                self.events.append(event)
+        self.role = role
 
     def all(self, name: str) -> list[dict[str, Any]]:
-        with self._lock:
-            return [e for e in self.events if e.get("event") == name]
+        return self.of(name)
 
     def _describe(self) -> str:
-        with self._lock:
+        with self._cond:
             tail = [e for e in self.events if e.get("event") not in ("offer", "request")][-12:]
-        try:
-            err = self.stderr_path.read_text(errors="replace")[-1500:]
-        except OSError:
-            err = ""
-        return f"exit={self.proc.poll()}; last events: {tail}; stderr tail: {err!r}"
+        return f"exit={self.proc.poll()}; last events: {tail}; stderr tail: {self.stderr_tail()!r}"
 
     async def wait(
         self,
@@ -135,17 +111,6 @@ class JsPeer:
                 )
             await trio.sleep(0.05)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self._reader.join(timeout=2)
-        self._stderr.close()
-
 
 @asynccontextmanager
 async def js_peer(
@@ -155,7 +120,7 @@ async def js_peer(
     try:
         yield peer
     finally:
-        peer.stop()
+        peer.stop(timeout=5)
 
 
 async def test_js_worker_claims_and_completes_a_python_task(
