@@ -259,3 +259,17 @@ def test_hamt_encoding_matches_js_importer(service: BlockService, tmp_path: Path
         assert sorted(p.name for p in (out / "wide").iterdir()) == sorted(
             p.name for p in wide.iterdir()
         )
+
+
+def test_hamt_threshold_counts_cidv1_bytes(service: BlockService, tmp_path: Path) -> None:
+    """With ``cid_version=1`` every link's CID is 36 bytes, so 4,096 names of 28 bytes sit
+    exactly at 262,144 (flat) and 29-byte names go one link's worth over (sharded)."""
+    at, over = tmp_path / "at", tmp_path / "over"
+    kubo_deterministic_names(at, 4096, 28, "dsi-v1-at")
+    kubo_deterministic_names(over, 4096, 29, "dsi-v1-over")
+    for folder, kind in ((at, _dagpb.DIRECTORY), (over, _dagpb.HAMT_SHARD)):
+        cid = service.add_directory(folder, cid_version=1)
+        assert cid.startswith("bafy")
+        root = _unixfs._decode(parse_cid(cid), service.get_block(cid))[1]
+        assert root.type == kind, folder.name
+        assert len(service.ls(cid)) == 4096
