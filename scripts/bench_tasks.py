@@ -92,6 +92,22 @@ def queue_cycles(db: Path, cycles: int, first: int) -> dict[str, list[float]]:
     return lat
 
 
+# The raw-SQL claim and completion both raw references run (single process and N processes).
+RAW_PICK = (
+    f"SELECT {COLS} FROM tasks INDEXED BY tasks_claimable WHERE state = 'pending' "
+    "AND gpu_pref = 0 AND requires_key = '' AND available_at <= ? "
+    "ORDER BY priority DESC, submitted_at, task_id LIMIT 1"
+)
+RAW_CLAIM = (
+    "UPDATE tasks SET state = 'claimed', worker_id = ?, lease_id = ?, "
+    "lease_expires_at = ? + lease_seconds, claimed_at = ?, updated_at = ? WHERE seq = ?"
+)
+RAW_COMPLETE = (
+    "UPDATE tasks SET state = 'completed', result = ?, lease_expires_at = NULL, "
+    "completed_at = ?, updated_at = ? WHERE seq = ? AND lease_id = ? AND state = 'claimed'"
+)
+
+
 def raw_cycles(db: Path, cycles: int, first: int) -> dict[str, list[float]]:
     """The same three durable steps as plain SQL on the same schema and file settings: no
     validation, no fencing beyond the WHERE clause, no dicts or JSON decoding, SQLite's
@@ -117,27 +133,14 @@ def raw_cycles(db: Path, cycles: int, first: int) -> dict[str, list[float]]:
         conn.execute("COMMIT")
         t1 = time.perf_counter()
         conn.execute("BEGIN IMMEDIATE")
-        row = conn.execute(  # the whole row: a claim hands the task's data to the worker
-            f"SELECT {COLS} FROM tasks INDEXED BY tasks_claimable WHERE state = 'pending' "
-            "AND gpu_pref = 0 AND requires_key = '' AND available_at <= ? "
-            "ORDER BY priority DESC, submitted_at, task_id LIMIT 1",
-            (now,),
-        ).fetchone()
+        # the whole row: a claim hands the task's data to the worker
+        row = conn.execute(RAW_PICK, (now,)).fetchone()
         lease = secrets.token_hex(16)
-        conn.execute(
-            "UPDATE tasks SET state = 'claimed', worker_id = 'worker-1', lease_id = ?, "
-            "lease_expires_at = ? + lease_seconds, claimed_at = ?, updated_at = ? WHERE seq = ?",
-            (lease, now, now, now, row[0]),
-        )
+        conn.execute(RAW_CLAIM, ("worker-1", lease, now, now, now, row[0]))
         conn.execute("COMMIT")
         t2 = time.perf_counter()
         conn.execute("BEGIN IMMEDIATE")
-        conn.execute(
-            "UPDATE tasks SET state = 'completed', result = '{\"status\":\"success\"}', "
-            "lease_expires_at = NULL, completed_at = ?, updated_at = ? "
-            "WHERE task_id = ? AND lease_id = ? AND state = 'claimed'",
-            (now, now, row[1], lease),
-        )
+        conn.execute(RAW_COMPLETE, ('{"status":"success"}', now, now, row[0], lease))
         conn.execute("COMMIT")
         t3 = time.perf_counter()
         lat["submit"].append(t1 - t0)
@@ -176,32 +179,17 @@ def _raw_drain(db: str, worker_id: str, start_at: float, out: mp.Queue) -> None:
         now = time.time()
         lock.acquire()
         conn.execute("BEGIN IMMEDIATE")
-        row = conn.execute(
-            f"SELECT {COLS} FROM tasks INDEXED BY tasks_claimable WHERE state = 'pending' "
-            "AND gpu_pref = 0 AND requires_key = '' AND available_at <= ? "
-            "ORDER BY priority DESC, submitted_at, task_id LIMIT 1",
-            (now,),
-        ).fetchone()
+        row = conn.execute(RAW_PICK, (now,)).fetchone()
         if row is not None:
             lease = secrets.token_hex(16)
-            conn.execute(
-                "UPDATE tasks SET state = 'claimed', worker_id = ?, lease_id = ?, "
-                "lease_expires_at = ? + lease_seconds, claimed_at = ?, updated_at = ? "
-                "WHERE seq = ?",
-                (worker_id, lease, now, now, now, row[0]),
-            )
+            conn.execute(RAW_CLAIM, (worker_id, lease, now, now, now, row[0]))
         conn.execute("COMMIT")
         lock.release()
         if row is None:
             break
         lock.acquire()
         conn.execute("BEGIN IMMEDIATE")
-        conn.execute(
-            "UPDATE tasks SET state = 'completed', result = '{\"ok\":true}', "
-            "lease_expires_at = NULL, completed_at = ?, updated_at = ? "
-            "WHERE seq = ? AND lease_id = ? AND state = 'claimed'",
-            (now, now, row[0], lease),
-        )
+        conn.execute(RAW_COMPLETE, ('{"ok":true}', now, now, row[0], lease))
         conn.execute("COMMIT")
         lock.release()
         done += 1
