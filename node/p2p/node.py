@@ -112,7 +112,7 @@ def _looks_like_peer_id(value: str | None) -> bool:
     if not value or len(value) < 40:
         return False
     try:
-        ID.from_base58(value)
+        _peer_id(value)
     except Exception:
         return False
     return True

@@ -384,14 +384,15 @@ class Importer:
         children.sort(key=lambda c: c[0])
         estimate = sum(len(name_bytes) + len(n.cid.binary()) for name_bytes, _, n in children)
         if estimate > self.hamt_threshold:
-            return self._hamt_shard(children, 0)
+            return self._hamt_shard([(hamt_hash(nb), name, n) for nb, name, n in children], 0)
         links = [_dagpb.PBLink(n.cid.binary(), name, n.tsize) for _, name, n in children]
         block = _dagpb.encode_node(links, _dagpb.encode_unixfs(_dagpb.UnixFSData(_dagpb.DIRECTORY)))
         cid = self._put_small(block, "dag-pb")
         return DagNode(cid, len(block) + sum(n.tsize for _, _, n in children), 0)
 
     def _hamt_shard(self, children: list[tuple[bytes, str, DagNode]], depth: int) -> DagNode:
-        """One HAMT node over ``children`` at ``depth`` (its sub-shards are written first).
+        """One HAMT node over ``children`` -- (name hash, name, node) -- at ``depth`` (its
+        sub-shards are written first).
 
         Byte ``depth`` of a name's hash picks its slot. A slot with one entry links to it as
         ``"%02X" % slot + name``; a slot two or more names share links to a sub-shard, named
@@ -400,7 +401,7 @@ class Importer:
         """
         slots: dict[int, list[tuple[bytes, str, DagNode]]] = {}
         for child in children:
-            digest = hamt_hash(child[0])
+            digest = child[0]
             if depth >= len(digest):  # 64 equal hash bits: Kubo refuses this folder too
                 raise StorageError(
                     f"names {[c[1] for c in children]!r} collide in all 64 bits of the HAMT "
