@@ -88,12 +88,6 @@ async def _go_yamux_window_update(self: Any, *, bytes_read: int = 0) -> None:
         await self.send_window_update(total, skip_lock=True)
 
 
-def _patch_yamux() -> None:
-    if os.environ.get("DSI_YAMUX_PER_READ_UPDATES") == "1":  # escape hatch, for comparison
-        return
-    YamuxStream._auto_tune_and_send_window_update = _go_yamux_window_update  # type: ignore[method-assign]
-
-
 _TCP_READ_SIZE = 65536
 
 
@@ -224,26 +218,6 @@ def _consume_record_once(msg: Any, host: Any, peer_id: Any) -> bool:
     return bool(ok)
 
 
-def _patch_pubsub_records() -> None:
-    if os.environ.get("DSI_PUBSUB_RECORD_EVERY_RPC") == "1":  # escape hatch, for comparison
-        return
-    for module in (pubsub_module, gossipsub_module):
-        module.env_to_send_in_RPC = _env_to_send_cached  # type: ignore[attr-defined]
-        module.maybe_consume_signed_record = _consume_record_once  # type: ignore[attr-defined]
-
-
-def _patch_tcp() -> None:
-    if os.environ.get("DSI_TCP_UNBUFFERED") == "1":  # escape hatch, for comparison
-        return
-    TrioTCPStream.read = _buffered_tcp_read  # type: ignore[method-assign]
-
-
-def _patch_stream_notifications() -> None:
-    if os.environ.get("DSI_NOTIFY_EVERY_STREAM") == "1":  # escape hatch, for comparison
-        return
-    Swarm._notify = _notify_skipping_noops  # type: ignore[method-assign]
-
-
 class PipelinedMultiselectClient(MultiselectClient):
     """multistream-select that sends the header and the one protocol id together.
 
@@ -358,12 +332,27 @@ class EchoOnceMultiselect(Multiselect):
             command = None
 
 
+# The process-wide workarounds: (switch that turns it off, py-libp2p object, attribute, ours).
+_REPLACEMENTS: tuple[tuple[str, Any, str, Any], ...] = (
+    ("DSI_YAMUX_PER_READ_UPDATES", YamuxStream, "_auto_tune_and_send_window_update",
+     _go_yamux_window_update),
+    ("DSI_TCP_UNBUFFERED", TrioTCPStream, "read", _buffered_tcp_read),
+    ("DSI_NOTIFY_EVERY_STREAM", Swarm, "_notify", _notify_skipping_noops),
+    ("DSI_PUBSUB_RECORD_EVERY_RPC", pubsub_module, "env_to_send_in_RPC", _env_to_send_cached),
+    ("DSI_PUBSUB_RECORD_EVERY_RPC", gossipsub_module, "env_to_send_in_RPC", _env_to_send_cached),
+    ("DSI_PUBSUB_RECORD_EVERY_RPC", pubsub_module, "maybe_consume_signed_record",
+     _consume_record_once),
+    ("DSI_PUBSUB_RECORD_EVERY_RPC", gossipsub_module, "maybe_consume_signed_record",
+     _consume_record_once),
+)
+
+
 def install() -> None:
-    """The process-wide workarounds (class and module attributes of py-libp2p)."""
-    _patch_yamux()
-    _patch_tcp()
-    _patch_stream_notifications()
-    _patch_pubsub_records()
+    """The process-wide workarounds (class and module attributes of py-libp2p); idempotent.
+    A switch set to ``1`` leaves the library's own behaviour in place, for comparison."""
+    for switch, owner, attribute, replacement in _REPLACEMENTS:
+        if os.environ.get(switch) != "1":
+            setattr(owner, attribute, replacement)
 
 
 def fit_host(host: IHost) -> None:
