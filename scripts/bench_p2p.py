@@ -39,7 +39,7 @@ import trio  # noqa: E402
 
 from node.config import build_config  # noqa: E402
 from node.p2p import P2PSettings, open_node  # noqa: E402
-from tests.p2p_peer import ECHO_PROTOCOL  # noqa: E402
+from tests.p2p_peer import echo_once  # noqa: E402
 from tests.p2p_procs import Swarm  # noqa: E402
 
 QUIET = ["--announce-rate", "0.001", "--reannounce", "100000"]  # no gossip during RTT runs
@@ -86,10 +86,7 @@ def bench_rtt(base: Path, samples: int) -> dict[str, Any]:
                 await trio.sleep(0.5)
 
                 async def echo() -> None:
-                    stream = await node.host.new_stream(peer, [ECHO_PROTOCOL])
-                    await stream.write(b"x" * 48)
-                    await stream.read(1024)
-                    await stream.close()
+                    await echo_once(node, peer, b"x" * 48)
 
                 for i in range(20):  # warm up both paths
                     await echo()

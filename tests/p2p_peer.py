@@ -81,6 +81,16 @@ def settings_for(args: argparse.Namespace) -> P2PSettings:
     )
 
 
+async def echo_once(node: Node, peer: Any, payload: bytes, timeout: float = 10) -> bytes:
+    """One round trip of the echo protocol on a new stream (the benchmark's raw reference)."""
+    with trio.fail_after(timeout):
+        stream = await node.host.new_stream(peer, [ECHO_PROTOCOL])
+        await stream.write(payload)
+        data = await stream.read(1024)
+        await stream.close()
+        return bytes(data)
+
+
 async def echo_handler(stream: Any) -> None:
     try:
         with trio.fail_after(10):

@@ -19,16 +19,7 @@ from libp2p.protocol_muxer.multiselect_client import MultiselectClient
 
 from node.p2p import _libp2p_fixes
 from tests.p2p_helpers import start_nodes
-from tests.p2p_peer import ECHO_PROTOCOL, echo_handler
-
-
-async def echo_once(node: Any, peer: Any, payload: bytes) -> bytes:
-    with trio.fail_after(10):
-        stream = await node.host.new_stream(peer, [ECHO_PROTOCOL])
-        await stream.write(payload)
-        data = await stream.read(1024)
-        await stream.close()
-        return bytes(data)
+from tests.p2p_peer import ECHO_PROTOCOL, echo_handler, echo_once
 
 
 async def test_listener_serves_plain_and_pipelined_dialers(tmp_path: Path) -> None:
