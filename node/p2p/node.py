@@ -1014,7 +1014,7 @@ class Node:
                 return None
         elif self._local_may_have_work():
             local = await self._local_best(caps)
-            if local is not None and local[:2] <= OfferTable.key(offer, gpu)[:2]:
+            if local is not None and local[:2] <= offer.keys[gpu][:2]:
                 grant = await trio.to_thread.run_sync(
                     lambda: self.tasks.claim_next(worker_id, caps_list)
                 )

@@ -43,7 +43,8 @@ class RemoteOffer:
     # preferred - fewer workers race for one task.
     listed: bool = False
     # Worked out once: a worker ranks the whole table on every claim, and tables hold
-    # thousands of offers. ``keys[gpu_worker]`` is ``OfferTable.key``.
+    # thousands of offers. ``keys[gpu_worker]``: rank_key's order, listed offers first
+    # within a priority.
     # Hard requirements, case-folded: never waived (as in the local queue).
     requires: frozenset[str] = field(init=False, repr=False)
     keys: tuple[tuple[int, int, int, float, str], ...] = field(init=False, repr=False)
@@ -153,10 +154,6 @@ class OfferTable:
         return [
             o for o in self._offers.values() if o.owner not in skip and o.requires <= capabilities
         ]
-
-    @staticmethod
-    def key(o: RemoteOffer, gpu_worker: bool) -> tuple[int, int, int, float, str]:
-        return o.keys[gpu_worker]
 
     def pick(
         self,
