@@ -6,6 +6,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -591,3 +592,22 @@ def test_claims_use_the_indexes(q: TaskQueue) -> None:
         )
     )
     assert "USING INDEX tasks_claimable" in plan and "TEMP B-TREE" not in plan
+
+
+def test_checkpoints_run_in_the_background_and_stop_with_the_queue(db: Path) -> None:
+    # Automatic checkpoints are off; every 1,000 commits the queue's own thread copies the
+    # WAL back into the database file, and close() stops that thread.
+    queue = TaskQueue(db)
+    initial = db.stat().st_size
+    for i in range(1100):
+        queue.submit(f"t{i:05d}", "x", {"i": i})
+    threads = [t for t in threading.enumerate() if t.name.startswith("dsi-checkpoint-")]
+    assert len(threads) == 1
+    deadline = time.monotonic() + 20
+    while db.stat().st_size <= initial and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert db.stat().st_size > initial, "no checkpoint copied the WAL into the database"
+    queue.close()
+    assert not threads[0].is_alive()
+    with TaskQueue(db) as again:
+        assert again.counts()["pending"] == 1100

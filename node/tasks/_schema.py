@@ -4,9 +4,10 @@ Durability: WAL with ``synchronous=NORMAL``. A committed transaction is in the W
 OS page cache at least) before ``COMMIT`` returns, so it survives the process crashing or being
 SIGKILLed at any point; only an OS crash or power loss can drop the last few commits, and even
 then the database is never corrupt. ``FULL`` would add an fsync to every commit.
-Automatic checkpoints are off for these connections: ``TaskQueue`` runs a PASSIVE checkpoint
-every few hundred of its commits *after* releasing the writer lock, so copying the WAL back into
-the database never holds up other writers (last connection to close checkpoints too).
+Automatic checkpoints are off for these connections: every ``TaskQueue`` asks its own background
+thread (``node._sqlite.Checkpointer``) for a PASSIVE checkpoint every thousand of its commits, so
+copying the WAL back into the database never holds up a caller or other writers (the last
+connection to close checkpoints too).
 
 Indexes exist for the hot paths only:
 
