@@ -24,7 +24,6 @@ from protocols.framing import (
     encode_line,
     read_frame,
     read_line,
-    write_frame,
 )
 from protocols.pb import task_pb2 as pb
 
@@ -48,6 +47,28 @@ _PIPELINE_MAX = 64 * 1024
 def remote_peer(stream: INetStream) -> str:
     """The stream's authenticated remote peer id (base58): the only identity we trust."""
     return stream.muxed_conn.peer_id.to_base58()
+
+
+async def send_and_close(stream: INetStream, data: bytes) -> None:
+    """Write the last bytes of a stream and close it. A stream that can do both in one step
+    (dsi's libp2p fixes give py-libp2p's ``NetStream`` a ``write_and_close``) does."""
+    write_and_close = getattr(stream, "write_and_close", None)
+    if write_and_close is not None:
+        await write_and_close(data)
+        return
+    await stream.write(data)
+    await stream.close()
+
+
+async def send_and_close_write(stream: INetStream, data: bytes) -> None:
+    """Write our last bytes and half-close (the reply is still to come), in one step where
+    the stream can (``write_and_close_write``, as for ``send_and_close``)."""
+    write_and_close_write = getattr(stream, "write_and_close_write", None)
+    if write_and_close_write is not None:
+        await write_and_close_write(data)
+        return
+    await stream.write(data)
+    await stream.close_write()
 
 
 async def reset_stream(stream: INetStream) -> None:
@@ -92,8 +113,7 @@ class ExchangeServer(ABC, Generic[Req, Resp]):
 
     async def _answer(self, stream: INetStream, resp: Resp) -> None:
         with trio.fail_after(self.timeout):
-            await write_frame(stream, resp.SerializeToString(), self.max_frame)
-            await stream.close()
+            await send_and_close(stream, encode_frame(resp.SerializeToString(), self.max_frame))
 
     async def handle_stream(self, stream: INetStream) -> None:
         try:
@@ -161,9 +181,13 @@ async def exchange(
         stream = await host.get_network().new_stream(peer_id)
     try:
         with trio.fail_after(timeout):
-            await stream.write(
-                _NEGOTIATION_HEADER + encode_line(protocol_id) + (frame if early else b"")
-            )
+            # The request is all we send: it goes with our half-close (FIN), which any
+            # libp2p server reads as the end of the request, in the same encrypted message.
+            negotiation = _NEGOTIATION_HEADER + encode_line(protocol_id)
+            if early:
+                await send_and_close_write(stream, negotiation + frame)
+            else:
+                await stream.write(negotiation)
             header, buf = await read_line(stream, bytearray())
             answer, buf = await read_line(stream, buf)
             if header != MULTISTREAM_ID or answer != protocol_id:
@@ -174,7 +198,7 @@ async def exchange(
                 )
             stream.set_protocol(protocol_id)  # type: ignore[arg-type]
             if not early:
-                await stream.write(frame)
+                await send_and_close_write(stream, frame)
             data = await read_frame(stream, max_frame, buf)
         resp = parse_strict(response_type, data)
     except BaseException:

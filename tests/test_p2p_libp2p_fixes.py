@@ -65,6 +65,62 @@ async def test_request_stream_frames(tmp_path: Path) -> None:
         assert writes / 20 <= 8.5, f"{writes / 20} frames per echo stream"
 
 
+async def test_exchange_frames_and_no_leftover_streams(tmp_path: Path) -> None:
+    """A dsi request/response (pipelined negotiation, request sent with the half-close,
+    answer sent with the close) is 5 encrypted frames, where the echo stream above is 8; and
+    both sides drop the stream afterwards (nothing accumulates in either muxer)."""
+    async with start_nodes(tmp_path, [[], [0]]) as (a, b):
+        peer = a.host.get_id()
+        assert await b.client.list_offers(peer, []) == []  # warm-up: connection and mesh
+        await trio.sleep(0.3)
+
+        def open_streams() -> list[set[int]]:
+            return [set(conn.muxed_conn.streams) for node in (a, b)
+                    for conn in node.host.get_network().get_connections()]
+
+        before = open_streams()  # gossipsub's long-lived streams
+        writes = 0
+        library_write = RawConnection.write
+
+        async def counting_write(self: RawConnection, data: bytes) -> None:
+            nonlocal writes
+            writes += 1
+            await library_write(self, data)
+
+        RawConnection.write = counting_write  # type: ignore[method-assign]
+        try:
+            for _ in range(20):
+                assert await b.client.list_offers(peer, ["GPU"]) == []
+            await trio.sleep(0.2)
+        finally:
+            RawConnection.write = library_write  # type: ignore[method-assign]
+        assert writes / 20 <= 5.5, f"{writes / 20} frames per dsi exchange"
+        assert open_streams() == before, "exchange streams left behind in a muxer"
+
+
+async def test_write_and_close_falls_back_beyond_one_frame(tmp_path: Path) -> None:
+    """A last write bigger than one yamux frame takes the library's two steps, same bytes."""
+    payload = bytes(range(256)) * 1024  # 256 KiB: four frames' worth
+
+    async def sink(stream: Any) -> None:
+        with trio.fail_after(10):
+            data = b""
+            while len(data) < len(payload):
+                data += await stream.read(len(payload) - len(data))
+            await stream.write_and_close(len(data).to_bytes(8, "big") + data[-4:])
+
+    async with start_nodes(tmp_path, [[], [0]]) as (a, b):
+        a.host.set_stream_handler("/dsi-test/sink/1.0.0", sink)
+        with trio.fail_after(10):
+            stream = await b.host.new_stream(a.host.get_id(), ["/dsi-test/sink/1.0.0"])
+            await stream.write_and_close_write(payload)
+            answer = b""
+            while len(answer) < 12:
+                answer += await stream.read(12 - len(answer))
+            await stream.close()
+        assert answer == len(payload).to_bytes(8, "big") + payload[-4:]
+
+
 async def test_buffered_tcp_read_keeps_bytes_order_and_eof() -> None:
     _libp2p_fixes.install()
     left, right = trio.socket.socketpair()

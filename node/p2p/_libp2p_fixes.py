@@ -19,6 +19,9 @@ on, every pubsub RPC                          minute (``DSI_PUBSUB_RECORD_EVERY_
 dialer: header, wait, protocol, wait          header and protocol in one frame
 listener: header and echo in two frames       one frame when the dialer pipelined
                                               (``DSI_MULTISELECT_TWO_FRAMES=1``)
+last data and FIN: two encrypted frames       one (``NetStream.write_and_close[_write]``:
+                                              two yamux frames, one Noise message;
+                                              ``DSI_FIN_APART=1``)
 ==========================================  ==============================================
 """
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import struct
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +40,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.host.basic_host import _IdentifyNotifee
 from libp2p.io.exceptions import ConnectionClosedError, IOException
 from libp2p.io.trio import TrioTCPStream
+from libp2p.network.stream.net_stream import NetStream, StreamState
 from libp2p.network.swarm import Swarm
 from libp2p.network.tag_store import TagStoreNotifee
 from libp2p.protocol_muxer.exceptions import (
@@ -56,7 +61,15 @@ from libp2p.pubsub import gossipsub as gossipsub_module
 from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub_notifee import PubsubNotifee
-from libp2p.stream_muxer.yamux.yamux import YamuxStream
+from libp2p.stream_muxer.yamux.yamux import (
+    FLAG_FIN,
+    HEADER_SIZE,
+    MAX_MESSAGE_SIZE,
+    TYPE_DATA,
+    TYPE_WINDOW_UPDATE,
+    YAMUX_HEADER_FORMAT,
+    YamuxStream,
+)
 from libp2p.utils.varint import encode_delim
 
 # py-libp2p's yamux sends a WINDOW_UPDATE after *every* read by default; gossipsub reads its
@@ -332,6 +345,88 @@ class EchoOnceMultiselect(Multiselect):
             command = None
 
 
+async def _yamux_write_and_close(stream: YamuxStream, data: bytes) -> bool:
+    """``write(data)`` then ``close()`` with both yamux frames in one secured write.
+
+    False, having sent nothing, when that is not a plain case (too big for one frame, not
+    enough send window, already closed): the caller then writes and closes as usual.
+    The state changes are those of ``YamuxStream.write`` and ``YamuxStream.close``.
+    """
+    if len(data) > MAX_MESSAGE_SIZE - HEADER_SIZE:
+        return False
+    async with stream.close_lock:
+        if stream.send_closed:
+            return False
+        async with stream.rw_lock.write_lock():
+            async with stream.window_lock:
+                if stream.closed or stream.send_window < len(data):
+                    return False
+                stream.send_window -= len(data)
+            sid = stream.stream_id
+            frames = (
+                struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, sid, len(data))
+                + data
+                + struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_WINDOW_UPDATE, FLAG_FIN, sid, 0)
+            )
+            try:
+                await stream.conn._write_frame(frames)
+            finally:
+                stream.send_closed = True
+        stream.closed = stream.recv_closed
+        await stream.conn._finalize_stream(stream, fully_closed=stream.recv_closed)
+    return True
+
+
+async def _net_stream_write_and_close(self: NetStream, data: bytes) -> None:
+    """Send the last bytes of a stream and close it (``write`` then ``close``).
+
+    py-libp2p sends the data and the FIN as two encrypted frames, each its own encryption,
+    ``send`` and trip through the scheduler. Here, over yamux, both frames go in one Noise
+    message: the peer's yamux reads the same frames in the same order (it parses a byte
+    stream, whatever the message boundaries). Another muxer, or an unusual state, takes
+    the library's two steps.
+    """
+    async with self._state_lock:
+        plain = self._state in (StreamState.OPEN, StreamState.CLOSE_READ)
+    muxed = self.muxed_stream
+    if plain and isinstance(muxed, YamuxStream) and await _yamux_write_and_close(muxed, data):
+        await self.set_state(StreamState.CLOSE_BOTH)
+        await self.remove()
+        return
+    await self.write(data)
+    await self.close()
+
+
+async def _net_stream_write_and_close_write(self: NetStream, data: bytes) -> None:
+    """``write`` then ``close_write``: the request of a request/response stream, whose
+    reply is still to be read. Over yamux, in one Noise message (see above)."""
+    async with self._state_lock:
+        plain = self._state == StreamState.OPEN
+    muxed = self.muxed_stream
+    if plain and isinstance(muxed, YamuxStream) and await _yamux_write_and_close(muxed, data):
+        async with self._state_lock:  # what NetStream.close_write does after the FIN
+            if self._state == StreamState.OPEN:
+                self._state = StreamState.CLOSE_WRITE
+            elif self._state == StreamState.CLOSE_READ:
+                self._state = StreamState.CLOSE_BOTH
+                await self.remove()
+        return
+    await self.write(data)
+    await self.close_write()
+
+
+async def _net_stream_write_then_close(self: NetStream, data: bytes) -> None:
+    """The library's way, for comparison (``DSI_FIN_APART=1``)."""
+    await self.write(data)
+    await self.close()
+
+
+async def _net_stream_write_then_close_write(self: NetStream, data: bytes) -> None:
+    """The library's way, for comparison (``DSI_FIN_APART=1``)."""
+    await self.write(data)
+    await self.close_write()
+
+
 # The process-wide workarounds: (switch that turns it off, py-libp2p object, attribute, ours).
 _REPLACEMENTS: tuple[tuple[str, Any, str, Any], ...] = (
     ("DSI_YAMUX_PER_READ_UPDATES", YamuxStream, "_auto_tune_and_send_window_update",
@@ -349,10 +444,20 @@ _REPLACEMENTS: tuple[tuple[str, Any, str, Any], ...] = (
 
 def install() -> None:
     """The process-wide workarounds (class and module attributes of py-libp2p); idempotent.
-    A switch set to ``1`` leaves the library's own behaviour in place, for comparison."""
+    A switch set to ``1`` leaves the library's own behaviour in place, for comparison.
+
+    Also gives ``NetStream`` ``write_and_close(data)`` and ``write_and_close_write(data)``,
+    which dsi's protocols use for the last bytes they send on a stream."""
     for switch, owner, attribute, replacement in _REPLACEMENTS:
         if os.environ.get(switch) != "1":
             setattr(owner, attribute, replacement)
+    apart = os.environ.get("DSI_FIN_APART") == "1"
+    NetStream.write_and_close = (  # type: ignore[attr-defined]
+        _net_stream_write_then_close if apart else _net_stream_write_and_close
+    )
+    NetStream.write_and_close_write = (  # type: ignore[attr-defined]
+        _net_stream_write_then_close_write if apart else _net_stream_write_and_close_write
+    )
 
 
 def fit_host(host: IHost) -> None:
