@@ -151,6 +151,11 @@ class ExchangeServer(ABC, Generic[Req, Resp]):
             logger.debug("resetting %s stream after %r", self.protocol_id, exc)
             await reset_stream(stream)
 
+    # Every stream handle_stream takes ends in send_and_close or a reset. Declared so that
+    # dsi's multistream listener (node.p2p._libp2p_fixes.EchoOnceMultiselect) may send its
+    # protocol echo together with the answer when the dialer did not wait for the echo.
+    handle_stream.dsi_answers_on_close = True  # type: ignore[attr-defined]
+
 
 async def exchange(
     host: IHost,

@@ -18,6 +18,7 @@ from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.protocol_muxer.multiselect_client import MultiselectClient
 
 from node.p2p import _libp2p_fixes
+from protocols.task import PROTOCOL_ID as TASK_PROTOCOL
 from tests.p2p_helpers import start_nodes
 from tests.p2p_peer import ECHO_PROTOCOL, echo_handler, echo_once
 
@@ -67,10 +68,13 @@ async def test_request_stream_frames(tmp_path: Path) -> None:
 
 async def test_exchange_frames_and_no_leftover_streams(tmp_path: Path) -> None:
     """A dsi request/response (pipelined negotiation, request sent with the half-close,
-    answer sent with the close) is 5 encrypted frames, where the echo stream above is 8; and
-    both sides drop the stream afterwards (nothing accumulates in either muxer)."""
+    protocol echo and answer sent with the close) is 4 encrypted frames, where the echo
+    stream above is 8; and both sides drop the stream afterwards (nothing accumulates in
+    either muxer)."""
     async with start_nodes(tmp_path, [[], [0]]) as (a, b):
         peer = a.host.get_id()
+        handler = a.host.multiselect.handlers[TASK_PROTOCOL]
+        assert getattr(handler, _libp2p_fixes.ANSWERS_ON_CLOSE) is True
         assert await b.client.list_offers(peer, []) == []  # warm-up: connection and mesh
         await trio.sleep(0.3)
 
@@ -94,7 +98,7 @@ async def test_exchange_frames_and_no_leftover_streams(tmp_path: Path) -> None:
             await trio.sleep(0.2)
         finally:
             RawConnection.write = library_write  # type: ignore[method-assign]
-        assert writes / 20 <= 5.5, f"{writes / 20} frames per dsi exchange"
+        assert writes / 20 <= 4.5, f"{writes / 20} frames per dsi exchange"
         assert open_streams() == before, "exchange streams left behind in a muxer"
 
 

@@ -18,7 +18,10 @@ signed peer record rebuilt for, and checked   built once a second, checked once 
 on, every pubsub RPC                          minute (``DSI_PUBSUB_RECORD_EVERY_RPC=1``)
 dialer: header, wait, protocol, wait          header and protocol in one frame
 listener: header and echo in two frames       one frame when the dialer pipelined
-                                              (``DSI_MULTISELECT_TWO_FRAMES=1``)
+                                              (``DSI_MULTISELECT_TWO_FRAMES=1``), sent
+                                              with the answer when the request came too
+                                              and the handler answers on close
+                                              (``DSI_ECHO_AT_ONCE=1``)
 last data and FIN: two encrypted frames       one (``NetStream.write_and_close[_write]``:
                                               two yamux frames, one Noise message;
                                               ``DSI_FIN_APART=1``)
@@ -291,7 +294,19 @@ class EchoOnceMultiselect(Multiselect):
     header is read, so the header and the protocol echo go out in one frame. A dialer that
     waits for our header first finds nothing buffered and gets it at once, as before; "ls",
     "na" and unknown protocols take the library's path. Same bytes on the wire either way.
+
+    When the request itself is buffered too and the protocol's handler declares that it
+    answers with ``write_and_close`` (or resets) -- the ``ANSWERS_ON_CLOSE`` attribute, set
+    by dsi's request/response servers -- the echo is held back and goes out in front of the
+    answer: that dialer is not waiting for it, so the stream costs one frame less.
     """
+
+    def __init__(
+        self, default_handlers: dict[TProtocol | None, Any] | None = None, *,
+        echo_with_answer: bool = True,
+    ) -> None:
+        super().__init__(default_handlers)
+        self.echo_with_answer = echo_with_answer
 
     async def negotiate(
         self,
@@ -310,11 +325,20 @@ class EchoOnceMultiselect(Multiselect):
                         command = await communicator.read()
                         protocol = TProtocol(command) if command else None
                         if command != "ls" and protocol in self.handlers:
-                            await communicator.read_writer.write(
-                                encode_delim(MULTISELECT_PROTOCOL_ID.encode())
-                                + encode_delim(command.encode())
-                            )
-                            return protocol, self.handlers[protocol]
+                            handler = self.handlers[protocol]
+                            echo = (encode_delim(MULTISELECT_PROTOCOL_ID.encode())
+                                    + encode_delim(command.encode()))
+                            stream = communicator.read_writer
+                            if (self.echo_with_answer
+                                    and getattr(handler, ANSWERS_ON_CLOSE, False)
+                                    and _buffered_bytes(stream)):
+                                # The dialer sent its request without waiting for us, and
+                                # the handler's answer ends the stream: the echo goes with
+                                # the answer (write_and_close), one frame instead of two.
+                                stream.__dict__[_UNSENT] = echo
+                            else:
+                                await stream.write(echo)
+                            return protocol, handler
                         await communicator.write(MULTISELECT_PROTOCOL_ID)
                         return await self._after_handshake(communicator, command)
                     await communicator.write(MULTISELECT_PROTOCOL_ID)
@@ -343,6 +367,13 @@ class EchoOnceMultiselect(Multiselect):
                     return protocol, self.handlers[protocol]
                 await communicator.write(PROTOCOL_NOT_FOUND_MSG)
             command = None
+
+
+# A stream handler with this attribute set ends every stream it answers with
+# ``write_and_close`` (or a reset); see EchoOnceMultiselect.
+ANSWERS_ON_CLOSE = "dsi_answers_on_close"
+# NetStream attribute: negotiation bytes held back to go out with the answer.
+_UNSENT = "_dsi_unsent"
 
 
 async def _yamux_write_and_close(stream: YamuxStream, data: bytes) -> bool:
@@ -386,6 +417,7 @@ async def _net_stream_write_and_close(self: NetStream, data: bytes) -> None:
     stream, whatever the message boundaries). Another muxer, or an unusual state, takes
     the library's two steps.
     """
+    data = self.__dict__.pop(_UNSENT, b"") + data
     async with self._state_lock:
         plain = self._state in (StreamState.OPEN, StreamState.CLOSE_READ)
     muxed = self.muxed_stream
@@ -400,6 +432,7 @@ async def _net_stream_write_and_close(self: NetStream, data: bytes) -> None:
 async def _net_stream_write_and_close_write(self: NetStream, data: bytes) -> None:
     """``write`` then ``close_write``: the request of a request/response stream, whose
     reply is still to be read. Over yamux, in one Noise message (see above)."""
+    data = self.__dict__.pop(_UNSENT, b"") + data
     async with self._state_lock:
         plain = self._state == StreamState.OPEN
     muxed = self.muxed_stream
@@ -417,13 +450,13 @@ async def _net_stream_write_and_close_write(self: NetStream, data: bytes) -> Non
 
 async def _net_stream_write_then_close(self: NetStream, data: bytes) -> None:
     """The library's way, for comparison (``DSI_FIN_APART=1``)."""
-    await self.write(data)
+    await self.write(self.__dict__.pop(_UNSENT, b"") + data)
     await self.close()
 
 
 async def _net_stream_write_then_close_write(self: NetStream, data: bytes) -> None:
     """The library's way, for comparison (``DSI_FIN_APART=1``)."""
-    await self.write(data)
+    await self.write(self.__dict__.pop(_UNSENT, b"") + data)
     await self.close_write()
 
 
@@ -465,5 +498,6 @@ def fit_host(host: IHost) -> None:
     host.multiselect_client = PipelinedMultiselectClient()  # type: ignore[attr-defined]
     if os.environ.get("DSI_MULTISELECT_TWO_FRAMES") != "1":
         host.multiselect = EchoOnceMultiselect(  # type: ignore[attr-defined]
-            dict(host.multiselect.handlers)  # type: ignore[attr-defined]
+            dict(host.multiselect.handlers),  # type: ignore[attr-defined]
+            echo_with_answer=os.environ.get("DSI_ECHO_AT_ONCE") != "1",
         )
