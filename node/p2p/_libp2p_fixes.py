@@ -22,6 +22,9 @@ listener: header and echo in two frames       one frame when the dialer pipeline
                                               with the answer when the request came too
                                               and the handler answers on close
                                               (``DSI_ECHO_AT_ONCE=1``)
+SYN sent alone when a stream opens            with the stream's first frame
+                                              (``DSI_SYN_AT_OPEN=1``)
+a debug line formatted for every frame        only when debug logging is on
 last data and FIN: two encrypted frames       one (``NetStream.write_and_close[_write]``:
                                               two yamux frames, one Noise message;
                                               ``DSI_FIN_APART=1``)
@@ -31,6 +34,7 @@ last data and FIN: two encrypted frames       one (``NetStream.write_and_close[_
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
 import struct
 import time
@@ -64,16 +68,22 @@ from libp2p.pubsub import gossipsub as gossipsub_module
 from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub_notifee import PubsubNotifee
+from libp2p.stream_muxer.exceptions import MuxedStreamError
+from libp2p.stream_muxer.yamux import yamux as yamux_module
 from libp2p.stream_muxer.yamux.yamux import (
     FLAG_FIN,
+    FLAG_SYN,
     HEADER_SIZE,
     MAX_MESSAGE_SIZE,
     TYPE_DATA,
     TYPE_WINDOW_UPDATE,
     YAMUX_HEADER_FORMAT,
+    Yamux,
     YamuxStream,
 )
 from libp2p.utils.varint import encode_delim
+
+_yamux_log = yamux_module.logger
 
 # py-libp2p's yamux sends a WINDOW_UPDATE after *every* read by default; gossipsub reads its
 # varint prefixes one byte at a time, so each message cost dozens of extra frames (measured:
@@ -369,6 +379,56 @@ class EchoOnceMultiselect(Multiselect):
             command = None
 
 
+# Yamux attribute: ids of streams we opened whose SYN goes out with their first frame.
+_SYN_PENDING = "_dsi_syn_pending"
+_LIBRARY_WRITE_FRAME = Yamux._write_frame
+
+
+async def _write_frame(self: Yamux, data: bytes) -> None:
+    """``Yamux._write_frame``, plus the SYN of a stream opened by ``_open_stream_lazy_syn``
+    in front of that stream's first frame.
+
+    Also: the library formats a debug line (header unpacked, flag names, an f-string) for
+    every frame even when debug logging is off; here only when it is on.
+    """
+    pending = self.__dict__.get(_SYN_PENDING)
+    if pending and len(data) >= HEADER_SIZE:
+        sid = int.from_bytes(data[4:8], "big")
+        if sid in pending:
+            pending.discard(sid)
+            data = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_WINDOW_UPDATE, FLAG_SYN, sid, 0) + data
+    if _yamux_log.isEnabledFor(logging.DEBUG):
+        await _LIBRARY_WRITE_FRAME(self, data)
+        return
+    async with self._write_lock:
+        await self.secured_conn.write(data)
+    await trio.lowlevel.checkpoint()
+
+
+async def _open_stream_lazy_syn(self: Yamux) -> YamuxStream:
+    """``Yamux.open_stream`` whose SYN goes out with the stream's first frame.
+
+    py-libp2p sends the SYN at once, as its own encrypted frame, although the dialer's
+    first action on a libp2p stream is always a write (multistream-select) a moment later.
+    The peer reads the same two yamux frames, in the same order, from one Noise message
+    (a stream that is reset or closed before any write sends SYN with its RST or FIN).
+    """
+    await self.stream_backlog_semaphore.acquire()
+    async with self.streams_lock:
+        if self.event_shutting_down.is_set():
+            self.stream_backlog_semaphore.release()
+            raise MuxedStreamError("Connection is shutting down")
+        stream_id = self.next_stream_id
+        self.next_stream_id += 2
+        stream = YamuxStream(stream_id, self, True)
+        stream._owns_backlog_slot = True
+        self.streams[stream_id] = stream
+        self.stream_buffers[stream_id] = bytearray()
+        self.stream_events[stream_id] = trio.Event()
+        self.__dict__.setdefault(_SYN_PENDING, set()).add(stream_id)
+    return stream
+
+
 # A stream handler with this attribute set ends every stream it answers with
 # ``write_and_close`` (or a reset); see EchoOnceMultiselect.
 ANSWERS_ON_CLOSE = "dsi_answers_on_close"
@@ -465,6 +525,7 @@ _REPLACEMENTS: tuple[tuple[str, Any, str, Any], ...] = (
     ("DSI_YAMUX_PER_READ_UPDATES", YamuxStream, "_auto_tune_and_send_window_update",
      _go_yamux_window_update),
     ("DSI_TCP_UNBUFFERED", TrioTCPStream, "read", _buffered_tcp_read),
+    ("DSI_SYN_AT_OPEN", Yamux, "open_stream", _open_stream_lazy_syn),
     ("DSI_NOTIFY_EVERY_STREAM", Swarm, "_notify", _notify_skipping_noops),
     ("DSI_PUBSUB_RECORD_EVERY_RPC", pubsub_module, "env_to_send_in_RPC", _env_to_send_cached),
     ("DSI_PUBSUB_RECORD_EVERY_RPC", gossipsub_module, "env_to_send_in_RPC", _env_to_send_cached),
@@ -484,6 +545,7 @@ def install() -> None:
     for switch, owner, attribute, replacement in _REPLACEMENTS:
         if os.environ.get(switch) != "1":
             setattr(owner, attribute, replacement)
+    Yamux._write_frame = _write_frame  # type: ignore[method-assign]
     apart = os.environ.get("DSI_FIN_APART") == "1"
     NetStream.write_and_close = (  # type: ignore[attr-defined]
         _net_stream_write_then_close if apart else _net_stream_write_and_close
