@@ -24,6 +24,8 @@ listener: header and echo in two frames       one frame when the dialer pipeline
                                               (``DSI_ECHO_AT_ONCE=1``)
 SYN sent alone when a stream opens            with the stream's first frame
                                               (``DSI_SYN_AT_OPEN=1``)
+ACK sent alone when a stream arrives          with the stream's first frame
+                                              (``DSI_ACK_AT_ONCE=1``)
 a debug line formatted for every frame        only when debug logging is on
 last data and FIN: two encrypted frames       one (``NetStream.write_and_close[_write]``:
                                               two yamux frames, one Noise message;
@@ -71,6 +73,7 @@ from libp2p.pubsub.pubsub_notifee import PubsubNotifee
 from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.stream_muxer.yamux import yamux as yamux_module
 from libp2p.stream_muxer.yamux.yamux import (
+    FLAG_ACK,
     FLAG_FIN,
     FLAG_SYN,
     HEADER_SIZE,
@@ -379,24 +382,40 @@ class EchoOnceMultiselect(Multiselect):
             command = None
 
 
-# Yamux attribute: ids of streams we opened whose SYN goes out with their first frame.
+# Yamux attributes: ids of streams whose SYN (opened by us) or ACK (opened by the peer) goes
+# out in front of the stream's first frame.
 _SYN_PENDING = "_dsi_syn_pending"
+_ACK_PENDING = "_dsi_ack_pending"
 _LIBRARY_WRITE_FRAME = Yamux._write_frame
+_HEADER = struct.Struct(YAMUX_HEADER_FORMAT)
+_defer_ack = True  # set by install()
 
 
 async def _write_frame(self: Yamux, data: bytes) -> None:
-    """``Yamux._write_frame``, plus the SYN of a stream opened by ``_open_stream_lazy_syn``
-    in front of that stream's first frame.
+    """``Yamux._write_frame`` that sends a stream's SYN or ACK with its first frame.
+
+    * SYN: see ``_open_stream_lazy_syn``.
+    * ACK: py-libp2p acknowledges a new inbound stream with a frame of its own the moment
+      the SYN arrives; the stream's first frame follows a moment later anyway, because the
+      listener's multistream-select always writes (header, echo, "na") or resets. Held
+      here and put in front of that frame, the peer reads the same yamux frames, in the
+      same order, from one Noise message instead of two (``DSI_ACK_AT_ONCE=1``: at once).
 
     Also: the library formats a debug line (header unpacked, flag names, an f-string) for
     every frame even when debug logging is off; here only when it is on.
     """
-    pending = self.__dict__.get(_SYN_PENDING)
-    if pending and len(data) >= HEADER_SIZE:
-        sid = int.from_bytes(data[4:8], "big")
-        if sid in pending:
-            pending.discard(sid)
-            data = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_WINDOW_UPDATE, FLAG_SYN, sid, 0) + data
+    if len(data) == HEADER_SIZE and _defer_ack:
+        _, typ, flags, sid, length = _HEADER.unpack(data)
+        if typ == TYPE_WINDOW_UPDATE and flags == FLAG_ACK and length == 0:
+            self.__dict__.setdefault(_ACK_PENDING, set()).add(sid)
+            return
+    for attribute, flag in ((_SYN_PENDING, FLAG_SYN), (_ACK_PENDING, FLAG_ACK)):
+        pending = self.__dict__.get(attribute)
+        if pending and len(data) >= HEADER_SIZE:
+            sid = int.from_bytes(data[4:8], "big")
+            if sid in pending:
+                pending.discard(sid)
+                data = _HEADER.pack(0, TYPE_WINDOW_UPDATE, flag, sid, 0) + data
     if _yamux_log.isEnabledFor(logging.DEBUG):
         await _LIBRARY_WRITE_FRAME(self, data)
         return
@@ -545,6 +564,8 @@ def install() -> None:
     for switch, owner, attribute, replacement in _REPLACEMENTS:
         if os.environ.get(switch) != "1":
             setattr(owner, attribute, replacement)
+    global _defer_ack
+    _defer_ack = os.environ.get("DSI_ACK_AT_ONCE") != "1"
     Yamux._write_frame = _write_frame  # type: ignore[method-assign]
     apart = os.environ.get("DSI_FIN_APART") == "1"
     NetStream.write_and_close = (  # type: ignore[attr-defined]
