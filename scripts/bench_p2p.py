@@ -161,7 +161,7 @@ def bench_throughput(base: Path, n: int, concurrency: int) -> dict[str, Any]:
         workers = [
             swarm.start(
                 f"w{i}", "worker", "--bootstrap", owner.addr, "--worker-id", f"w{i}",
-                "--concurrency", str(concurrency),
+                "--concurrency", str(concurrency), "--batch-events",
             )
             for i in range(2)
         ]
