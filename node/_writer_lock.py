@@ -31,13 +31,17 @@ class WriterLock:
         if fcntl is not None:
             self._fd = os.open(str(db_path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
 
-    def acquire(self) -> None:
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock; with ``blocking=False`` return False at once if someone holds it."""
         if self._fd is not None:
             try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
+                fcntl.flock(self._fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
             except OSError as exc:  # e.g. a network filesystem without flock
                 log.warning("flock unavailable (%s); relying on SQLite's locking alone", exc)
                 self.close()
+        return True
 
     def release(self) -> None:
         if self._fd is not None:

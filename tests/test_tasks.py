@@ -25,7 +25,7 @@ from node.errors import (
     PeerDeniedError,
     TaskStateError,
 )
-from node.tasks import TaskQueue
+from node.tasks import QueueBusy, TaskQueue
 
 HELLO_CID = "QmT78zSuBmuS4z925WZfrqQ1qHaJ56DQaTfyMUF7F8ff5o"  # "hello world\n" (Kubo)
 
@@ -611,3 +611,34 @@ def test_checkpoints_run_in_the_background_and_stop_with_the_queue(db: Path) -> 
     assert not threads[0].is_alive()
     with TaskQueue(db) as again:
         assert again.counts()["pending"] == 1100
+
+
+def test_nonblocking_calls_raise_queue_busy_instead_of_waiting(db: Path) -> None:
+    queue, other = TaskQueue(db), TaskQueue(db)
+    try:
+        queue.submit("t1", "x", {"n": 1})
+        other._writer.acquire()  # another writer (its own lock file description) is busy
+        try:
+            with queue.nonblocking(), pytest.raises(QueueBusy):
+                queue.claim_next("w", [])
+            with queue.nonblocking(), pytest.raises(QueueBusy):
+                queue.submit("t2", "x", {"n": 2})
+            assert queue.status("t1")["status"] == "pending"  # reads never wait
+        finally:
+            other._writer.release()
+        with pytest.raises(NotFoundError):
+            queue.status("t2")  # the refused submit left nothing behind
+        queue._mutex.acquire()  # another thread is inside this object
+        try:
+            with queue.nonblocking(), pytest.raises(QueueBusy):
+                queue.status("t1")
+        finally:
+            queue._mutex.release()
+        with queue.nonblocking():
+            grant = queue.claim_next("w", [])
+            assert grant is not None and grant["task_id"] == "t1"
+            queue.complete("t1", grant["lease_id"], {"ok": True})
+        assert queue.status("t1")["status"] == "completed"
+    finally:
+        queue.close()
+        other.close()

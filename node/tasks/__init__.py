@@ -18,7 +18,7 @@ from node.tasks._model import (
     is_gpu_worker,
     norm_capabilities,
 )
-from node.tasks._queue import TaskQueue
+from node.tasks._queue import QueueBusy, TaskQueue
 
 __all__ = [
     "CANCELLED",
@@ -31,6 +31,7 @@ __all__ = [
     "TAG_GPU_PREFERRED",
     "TAG_P2P_ELIGIBLE",
     "TERMINAL_STATES",
+    "QueueBusy",
     "TaskQueue",
     "is_gpu_worker",
     "norm_capabilities",

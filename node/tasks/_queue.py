@@ -48,6 +48,14 @@ Concurrency
     if none is, it chooses again under the lock. One object is thread-safe (one connection,
     one mutex); use one object per process.
 
+Non-blocking calls
+    Inside ``with queue.nonblocking():`` a call that would have to wait -- for another
+    thread using this object or for another process's write -- raises ``QueueBusy`` before
+    changing anything, instead of waiting. An event loop runs calls inline this way (a few
+    hundred microseconds of CPU) and hands only the ones that would wait to a thread, which
+    saves a thread hop per call. (A writer that bypasses dsi's lock, such as the sqlite3
+    shell, can still make SQLite's own busy handler wait.)
+
 Listeners
     ``add_listener(cb)``: ``cb(event)`` runs after each committed change made through this
     object (submit, claim, complete, fail, cancel, requeue/fail by expiry; not heartbeats),
@@ -130,6 +138,10 @@ _INSERT = (
 )
 
 
+class QueueBusy(Exception):
+    """Raised inside ``TaskQueue.nonblocking()`` instead of waiting; nothing was changed."""
+
+
 class TaskQueue:
     """A durable, multi-process-safe task queue in one SQLite file (see the module docs).
 
@@ -155,6 +167,7 @@ class TaskQueue:
         self._backoff_base = float(backoff_base)
         self._backoff_max = float(backoff_max)
         self._mutex = threading.Lock()
+        self._nonblocking = threading.local()
         self._conn: sqlite3.Connection | None = connect(self.db_path, busy_timeout)
         self._writer = WriterLock(self.db_path)
         self._checkpointer = Checkpointer(str(self.db_path))
@@ -210,13 +223,26 @@ class TaskQueue:
         return self._conn
 
     @contextmanager
+    def nonblocking(self) -> Iterator[None]:
+        """Calls in this block raise QueueBusy instead of waiting (see the module docs)."""
+        previous = getattr(self._nonblocking, "on", False)
+        self._nonblocking.on = True
+        try:
+            yield
+        finally:
+            self._nonblocking.on = previous
+
+    @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         """The connection, under this object's mutex (reads see the latest commit)."""
-        with self._mutex:
-            try:
-                yield self._connection()
-            except sqlite3.Error as exc:
-                raise StorageError(f"task database {self.db_path}: {exc}") from exc
+        if not self._mutex.acquire(blocking=not getattr(self._nonblocking, "on", False)):
+            raise QueueBusy("another thread is using this task queue")
+        try:
+            yield self._connection()
+        except sqlite3.Error as exc:
+            raise StorageError(f"task database {self.db_path}: {exc}") from exc
+        finally:
+            self._mutex.release()
 
     @contextmanager
     def _txn(self, conn: sqlite3.Connection) -> Iterator[None]:
@@ -225,7 +251,8 @@ class TaskQueue:
         Commits on normal exit, rolls back on an exception. Keep the body short: this is the
         one section that every process serialises on.
         """
-        self._writer.acquire()
+        if not self._writer.acquire(blocking=not getattr(self._nonblocking, "on", False)):
+            raise QueueBusy("another process is writing to this task queue")
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
