@@ -6,6 +6,7 @@ the library's own raw-connection write, to check the frame savings the module cl
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from libp2p.host.exceptions import StreamFailure
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.protocol_muxer.multiselect_client import MultiselectClient
+from libp2p.stream_muxer.yamux.yamux import FLAG_RST, FLAG_SYN
 
 from node.p2p import _libp2p_fixes
 from protocols.task import PROTOCOL_ID as TASK_PROTOCOL
@@ -172,6 +174,31 @@ async def test_streams_closed_or_reset_before_any_write(tmp_path: Path) -> None:
             while seen.count("opened") < 3 or set(theirs.streams) != baseline:
                 await trio.sleep(0.02)  # the peer saw all three open, and forgot them
         assert not getattr(ours, "_dsi_syn_pending", set())
+
+
+async def test_held_acks_of_streams_reset_early_do_not_pile_up(tmp_path: Path) -> None:
+    """A peer that resets its streams before we answered leaves ACKs we never sent; they are
+    pruned, and streams opened afterwards are acknowledged and served as usual."""
+    async with start_nodes(tmp_path, [[], [0]]) as (a, b):
+        a.host.set_stream_handler(ECHO_PROTOCOL, echo_handler)
+        peer = a.host.get_id()
+        assert await echo_once(b, peer, b"before") == b"before"
+        ours = b.host.get_network().get_connections(peer)[0].muxed_conn
+        theirs = a.host.get_network().get_connections(b.host.get_id())[0].muxed_conn
+        with trio.fail_after(20):
+            for _ in range(150):  # a bare SYN (as py-libp2p sends it), then a reset
+                sid = ours.next_stream_id
+                ours.next_stream_id += 2
+                for flag in (FLAG_SYN, FLAG_RST):
+                    await ours.secured_conn.write(
+                        struct.pack("!BBHII", 0, 1, flag, sid, 0)  # WINDOW_UPDATE
+                    )
+                await trio.sleep(0.005)
+            await trio.sleep(0.3)
+            assert await echo_once(b, peer, b"after") == b"after"
+        # At most a prune interval's worth of ids of streams the muxer itself has dropped.
+        held = getattr(theirs, "_dsi_ack_pending", set())
+        assert len(held - set(theirs.streams)) < 64
 
 
 async def test_buffered_tcp_read_keeps_bytes_order_and_eof() -> None:

@@ -388,6 +388,7 @@ _SYN_PENDING = "_dsi_syn_pending"
 _ACK_PENDING = "_dsi_ack_pending"
 _LIBRARY_WRITE_FRAME = Yamux._write_frame
 _HEADER = struct.Struct(YAMUX_HEADER_FORMAT)
+_PENDING_PRUNE_AT = 64
 _defer_ack = True  # set by install()
 
 
@@ -407,7 +408,10 @@ async def _write_frame(self: Yamux, data: bytes) -> None:
     if len(data) == HEADER_SIZE and _defer_ack:
         _, typ, flags, sid, length = _HEADER.unpack(data)
         if typ == TYPE_WINDOW_UPDATE and flags == FLAG_ACK and length == 0:
-            self.__dict__.setdefault(_ACK_PENDING, set()).add(sid)
+            pending = self.__dict__.setdefault(_ACK_PENDING, set())
+            if len(pending) >= _PENDING_PRUNE_AT:  # streams the peer reset before we wrote
+                pending.intersection_update(self.streams)
+            pending.add(sid)
             return
     for attribute, flag in ((_SYN_PENDING, FLAG_SYN), (_ACK_PENDING, FLAG_ACK)):
         pending = self.__dict__.get(attribute)
@@ -444,7 +448,10 @@ async def _open_stream_lazy_syn(self: Yamux) -> YamuxStream:
         self.streams[stream_id] = stream
         self.stream_buffers[stream_id] = bytearray()
         self.stream_events[stream_id] = trio.Event()
-        self.__dict__.setdefault(_SYN_PENDING, set()).add(stream_id)
+        pending = self.__dict__.setdefault(_SYN_PENDING, set())
+        if len(pending) >= _PENDING_PRUNE_AT:  # streams dropped without a write
+            pending.intersection_update(self.streams)
+        pending.add(stream_id)
     return stream
 
 
