@@ -52,23 +52,22 @@ def remote_peer(stream: INetStream) -> str:
 async def send_and_close(stream: INetStream, data: bytes) -> None:
     """Write the last bytes of a stream and close it. A stream that can do both in one step
     (dsi's libp2p fixes give py-libp2p's ``NetStream`` a ``write_and_close``) does."""
-    write_and_close = getattr(stream, "write_and_close", None)
-    if write_and_close is not None:
-        await write_and_close(data)
-        return
-    await stream.write(data)
-    await stream.close()
+    await _send_last(stream, data, "write_and_close", "close")
 
 
 async def send_and_close_write(stream: INetStream, data: bytes) -> None:
     """Write our last bytes and half-close (the reply is still to come), in one step where
     the stream can (``write_and_close_write``, as for ``send_and_close``)."""
-    write_and_close_write = getattr(stream, "write_and_close_write", None)
-    if write_and_close_write is not None:
-        await write_and_close_write(data)
+    await _send_last(stream, data, "write_and_close_write", "close_write")
+
+
+async def _send_last(stream: INetStream, data: bytes, in_one_step: str, close: str) -> None:
+    combined = getattr(stream, in_one_step, None)
+    if combined is not None:
+        await combined(data)
         return
     await stream.write(data)
-    await stream.close_write()
+    await getattr(stream, close)()
 
 
 async def reset_stream(stream: INetStream) -> None:

@@ -6,7 +6,9 @@ the library's own raw-connection write, to check the frame savings the module cl
 
 from __future__ import annotations
 
+import contextlib
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,23 @@ from node.p2p import _libp2p_fixes
 from protocols.task import PROTOCOL_ID as TASK_PROTOCOL
 from tests.p2p_helpers import start_nodes
 from tests.p2p_peer import ECHO_PROTOCOL, echo_handler, echo_once
+
+
+@contextlib.contextmanager
+def encrypted_frames() -> Iterator[list[int]]:
+    """Counts py-libp2p's raw-connection writes (one per encrypted frame) while it is open."""
+    count = [0]
+    library_write = RawConnection.write
+
+    async def counting_write(self: RawConnection, data: bytes) -> None:
+        count[0] += 1
+        await library_write(self, data)
+
+    RawConnection.write = counting_write  # type: ignore[method-assign]
+    try:
+        yield count
+    finally:
+        RawConnection.write = library_write  # type: ignore[method-assign]
 
 
 class StreamRecorder(INotifee):
@@ -75,22 +94,11 @@ async def test_request_stream_frames(tmp_path: Path) -> None:
         peer = a.host.get_id()
         await echo_once(b, peer, b"warm-up")
         await trio.sleep(0.3)  # let the gossip mesh settle
-        writes = 0
-        library_write = RawConnection.write
-
-        async def counting_write(self: RawConnection, data: bytes) -> None:
-            nonlocal writes
-            writes += 1
-            await library_write(self, data)
-
-        RawConnection.write = counting_write  # type: ignore[method-assign]
-        try:
+        with encrypted_frames() as frames:
             for i in range(20):
                 assert await echo_once(b, peer, b"x%d" % i) == b"x%d" % i
             await trio.sleep(0.2)
-        finally:
-            RawConnection.write = library_write  # type: ignore[method-assign]
-        assert writes / 20 <= 6.5, f"{writes / 20} frames per echo stream"
+        assert frames[0] / 20 <= 6.5, f"{frames[0] / 20} frames per echo stream"
 
 
 async def test_exchange_frames_and_no_leftover_streams(tmp_path: Path) -> None:
@@ -111,22 +119,11 @@ async def test_exchange_frames_and_no_leftover_streams(tmp_path: Path) -> None:
                     for conn in node.host.get_network().get_connections()]
 
         before = open_streams()  # gossipsub's long-lived streams
-        writes = 0
-        library_write = RawConnection.write
-
-        async def counting_write(self: RawConnection, data: bytes) -> None:
-            nonlocal writes
-            writes += 1
-            await library_write(self, data)
-
-        RawConnection.write = counting_write  # type: ignore[method-assign]
-        try:
+        with encrypted_frames() as frames:
             for _ in range(20):
                 assert await b.client.list_offers(peer, ["GPU"]) == []
             await trio.sleep(0.2)
-        finally:
-            RawConnection.write = library_write  # type: ignore[method-assign]
-        assert writes / 20 <= 2.5, f"{writes / 20} frames per dsi exchange"
+        assert frames[0] / 20 <= 2.5, f"{frames[0] / 20} frames per dsi exchange"
         assert open_streams() == before, "exchange streams left behind in a muxer"
 
 
