@@ -173,6 +173,33 @@ async def test_streams_closed_or_reset_before_any_write(tmp_path: Path) -> None:
         assert not getattr(ours, "_dsi_syn_pending", set())
 
 
+async def test_a_cancelled_first_write_keeps_the_syn_for_the_next_frame(tmp_path: Path) -> None:
+    async with start_nodes(tmp_path, [[], [0]]) as (a, b):
+        a.host.set_stream_handler(ECHO_PROTOCOL, echo_handler)
+        peer = a.host.get_id()
+        assert await echo_once(b, peer, b"before") == b"before"
+        ours = b.host.get_network().get_connections(peer)[0].muxed_conn
+        seen: list[str] = []
+        a.host.get_network().register_notifee(StreamRecorder(seen))
+        with trio.fail_after(10):
+            muxed = await ours.open_stream()
+
+            async def busy_connection(task_status: Any) -> None:
+                async with ours._write_lock:  # another task is writing something long
+                    task_status.started()
+                    await trio.sleep(0.2)
+
+            async with trio.open_nursery() as nursery:
+                await nursery.start(busy_connection)
+                with trio.move_on_after(0.05):
+                    await muxed.write(b"\x13/multistream/1.0.0\n")
+            assert muxed.stream_id in ours._dsi_syn_pending  # not sent, so still to send
+            await muxed.reset()  # SYN+RST: the peer sees the stream open and end
+            while seen.count("opened") < 1:
+                await trio.sleep(0.02)
+            assert await echo_once(b, peer, b"after") == b"after"
+
+
 async def test_held_acks_of_streams_reset_early_do_not_pile_up(tmp_path: Path) -> None:
     """A peer that resets its streams before we answered leaves ACKs we never sent; they are
     pruned, and streams opened afterwards are acknowledged and served as usual."""

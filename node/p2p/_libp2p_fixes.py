@@ -413,18 +413,25 @@ async def _write_frame(self: Yamux, data: bytes) -> None:
                 pending.intersection_update(self.streams)
             pending.add(sid)
             return
+    taken: list[tuple[set[int], int]] = []
     for attribute, flag in ((_SYN_PENDING, FLAG_SYN), (_ACK_PENDING, FLAG_ACK)):
         pending = self.__dict__.get(attribute)
         if pending and len(data) >= HEADER_SIZE:
             sid = int.from_bytes(data[4:8], "big")
             if sid in pending:
                 pending.discard(sid)
+                taken.append((pending, sid))
                 data = _HEADER.pack(0, TYPE_WINDOW_UPDATE, flag, sid, 0) + data
-    if _yamux_log.isEnabledFor(logging.DEBUG):
-        await _LIBRARY_WRITE_FRAME(self, data)
-        return
-    async with self._write_lock:
-        await self.secured_conn.write(data)
+    try:
+        if _yamux_log.isEnabledFor(logging.DEBUG):
+            await _LIBRARY_WRITE_FRAME(self, data)
+            return
+        async with self._write_lock:
+            await self.secured_conn.write(data)
+    except BaseException:
+        for pending, sid in taken:  # not sent (e.g. cancelled waiting for the lock)
+            pending.add(sid)
+        raise
     await trio.lowlevel.checkpoint()
 
 
@@ -481,9 +488,9 @@ async def _yamux_write_and_close(stream: YamuxStream, data: bytes) -> bool:
                 stream.send_window -= len(data)
             sid = stream.stream_id
             frames = (
-                struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, sid, len(data))
+                _HEADER.pack(0, TYPE_DATA, 0, sid, len(data))
                 + data
-                + struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_WINDOW_UPDATE, FLAG_FIN, sid, 0)
+                + _HEADER.pack(0, TYPE_WINDOW_UPDATE, FLAG_FIN, sid, 0)
             )
             try:
                 await stream.conn._write_frame(frames)
