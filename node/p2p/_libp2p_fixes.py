@@ -298,6 +298,45 @@ def _buffered_bytes(stream: Any) -> int:
     return len(buffers.get(getattr(muxed, "stream_id", None)) or b"")
 
 
+_MAX_LINE = 1024  # longer multistream lines are left to the library's reader
+
+
+async def _read_buffered_lines(stream: Any, count: int) -> list[str] | None:
+    """The next ``count`` multistream-select lines, when all are already buffered in the
+    yamux stream under ``stream``: parsed in place and consumed with one read. None (and
+    nothing consumed) otherwise.
+
+    The library reads each line's varint a byte at a time, and every read passes through
+    the stream's locks, each a trip through trio's scheduler: under load each trip waits
+    behind every other ready task.
+    """
+    muxed = getattr(stream, "muxed_stream", None)
+    buffers = getattr(getattr(muxed, "conn", None), "stream_buffers", None)
+    buf = buffers.get(getattr(muxed, "stream_id", None)) if isinstance(buffers, dict) else None
+    if not buf:
+        return None
+    lines: list[str] = []
+    pos = 0
+    for _ in range(count):
+        length, shift, start = 0, 0, pos
+        while True:  # unsigned varint, at most two bytes for lines up to _MAX_LINE
+            if pos >= len(buf) or pos - start >= 2:
+                return None
+            byte = buf[pos]
+            pos += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        if not 0 < length <= _MAX_LINE or pos + length > len(buf) or buf[pos + length - 1] != 10:
+            return None
+        lines.append(bytes(buf[pos : pos + length - 1]).decode())
+        pos += length
+    if len(await stream.read(pos)) != pos:  # they are buffered: one read takes them all
+        raise MultiselectError("stream buffer changed while reading the negotiation")
+    return lines
+
+
 class EchoOnceMultiselect(Multiselect):
     """The listener side of multistream-select, answering a pipelined dialer in one frame.
 
@@ -331,11 +370,12 @@ class EchoOnceMultiselect(Multiselect):
         try:
             with trio.fail_after(negotiate_timeout):
                 try:
-                    header = await communicator.read()
+                    lines = await _read_buffered_lines(communicator.read_writer, 2)
+                    header = lines[0] if lines else await communicator.read()
                     if header != MULTISELECT_PROTOCOL_ID:
                         raise MultiselectError(f"multiselect header mismatch: got {header!r}")
-                    if _buffered_bytes(communicator.read_writer):
-                        command = await communicator.read()
+                    if lines or _buffered_bytes(communicator.read_writer):
+                        command = lines[1] if lines else await communicator.read()
                         protocol = TProtocol(command) if command else None
                         if command != "ls" and protocol in self.handlers:
                             handler = self.handlers[protocol]
