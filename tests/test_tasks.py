@@ -634,11 +634,29 @@ def test_nonblocking_calls_raise_queue_busy_instead_of_waiting(db: Path) -> None
                 queue.status("t1")
         finally:
             queue._mutex.release()
+        seen: list[str] = []
+
+        def listener(event: dict[str, Any]) -> None:
+            # Another thread is inside the queue for a moment: a listener's own call waits
+            # for it, even though the call that committed ran in non-blocking mode.
+            held = threading.Event()
+
+            def hold() -> None:
+                with queue._mutex:
+                    held.set()
+                    time.sleep(0.1)
+
+            threading.Thread(target=hold).start()
+            held.wait()
+            seen.append(queue.status(event["task_id"])["status"])
+
+        queue.add_listener(listener)
         with queue.nonblocking():
             grant = queue.claim_next("w", [])
             assert grant is not None and grant["task_id"] == "t1"
             queue.complete("t1", grant["lease_id"], {"ok": True})
         assert queue.status("t1")["status"] == "completed"
+        assert seen == ["claimed", "completed"]
     finally:
         queue.close()
         other.close()

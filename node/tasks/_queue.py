@@ -59,11 +59,11 @@ Non-blocking calls
 Listeners
     ``add_listener(cb)``: ``cb(event)`` runs after each committed change made through this
     object (submit, claim, complete, fail, cancel, requeue/fail by expiry; not heartbeats),
-    outside the database lock. ``event`` has ``event`` (submitted, claimed, completed,
-    failed, cancelled, requeued), ``task_id``, ``state``, ``attempt``, ``max_attempts``,
-    ``worker_id``, ``tags``, ``priority``, ``task_type``, ``requires``, ``submitted_at``,
-    ``owner``, ``error``, ``available_at``, ``lease_expires_at``. A listener that raises is
-    logged and otherwise ignored.
+    outside the database lock and never in non-blocking mode. ``event`` has ``event``
+    (submitted, claimed, completed, failed, cancelled, requeued), ``task_id``, ``state``,
+    ``attempt``, ``max_attempts``, ``worker_id``, ``tags``, ``priority``, ``task_type``,
+    ``requires``, ``submitted_at``, ``owner``, ``error``, ``available_at``,
+    ``lease_expires_at``. A listener that raises is logged and otherwise ignored.
 """
 
 from __future__ import annotations
@@ -209,13 +209,22 @@ class TaskQueue:
         listeners = builtins.list(self._listeners)
         if not listeners:
             return
-        for name, row in events:
-            event = event_dict(name, row)
-            for callback in listeners:
-                try:
-                    callback(event)
-                except Exception:
-                    log.exception("task listener %r failed on %s", callback, event.get("event"))
+        # The change is committed: a listener that calls back into the queue waits as usual
+        # instead of getting QueueBusy from the caller's nonblocking() block.
+        nonblocking = getattr(self._nonblocking, "on", False)
+        self._nonblocking.on = False
+        try:
+            for name, row in events:
+                event = event_dict(name, row)
+                for callback in listeners:
+                    try:
+                        callback(event)
+                    except Exception:
+                        log.exception(
+                            "task listener %r failed on %s", callback, event.get("event")
+                        )
+        finally:
+            self._nonblocking.on = nonblocking
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
