@@ -289,13 +289,15 @@ class PipelinedMultiselectClient(MultiselectClient):
         raise MultiselectClientError(f"negotiating {protocol} timed out after {negotiate_timeout}s")
 
 
-def _buffered_bytes(stream: Any) -> int:
-    """Bytes the yamux stream under ``stream`` has received and nobody has read yet."""
+def _stream_buffer(stream: Any) -> bytearray | None:
+    """What the yamux stream under ``stream`` has received and nobody has read yet."""
     muxed = getattr(stream, "muxed_stream", None)
     buffers = getattr(getattr(muxed, "conn", None), "stream_buffers", None)
-    if not isinstance(buffers, dict):
-        return 0
-    return len(buffers.get(getattr(muxed, "stream_id", None)) or b"")
+    return buffers.get(getattr(muxed, "stream_id", None)) if isinstance(buffers, dict) else None
+
+
+def _buffered_bytes(stream: Any) -> int:
+    return len(_stream_buffer(stream) or b"")
 
 
 _MAX_LINE = 1024  # longer multistream lines are left to the library's reader
@@ -310,9 +312,7 @@ async def _read_buffered_lines(stream: Any, count: int) -> list[str] | None:
     the stream's locks, each a trip through trio's scheduler: under load each trip waits
     behind every other ready task.
     """
-    muxed = getattr(stream, "muxed_stream", None)
-    buffers = getattr(getattr(muxed, "conn", None), "stream_buffers", None)
-    buf = buffers.get(getattr(muxed, "stream_id", None)) if isinstance(buffers, dict) else None
+    buf = _stream_buffer(stream)
     if not buf:
         return None
     lines: list[str] = []
