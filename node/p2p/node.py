@@ -1197,7 +1197,7 @@ class Node:
         worker_id: str | None = None,
     ) -> dict[str, Any]:
         if task_id not in self._held:
-            return await trio.to_thread.run_sync(
+            return await self.queue_call(
                 lambda: self.tasks.complete(task_id, lease_id, result, result_cid, worker_id)  # type: ignore[arg-type]
             )
         held = self._held_for(task_id, lease_id, worker_id)
@@ -1243,7 +1243,7 @@ class Node:
         worker_id: str | None = None,
     ) -> dict[str, Any]:
         if task_id not in self._held:
-            return await trio.to_thread.run_sync(
+            return await self.queue_call(
                 lambda: self.tasks.fail(task_id, lease_id, error, retryable, worker_id)  # type: ignore[arg-type]
             )
         held = self._held_for(task_id, lease_id, worker_id)
@@ -1281,7 +1281,7 @@ class Node:
         self, task_id: str, lease_id: str | None = None, worker_id: str | None = None
     ) -> float:
         if task_id not in self._held:
-            return await trio.to_thread.run_sync(
+            return await self.queue_call(
                 lambda: self.tasks.heartbeat(task_id, lease_id, worker_id)  # type: ignore[arg-type]
             )
         held = self._held_for(task_id, lease_id, worker_id)
@@ -1310,7 +1310,7 @@ class Node:
         owner = owner or self._owner_of(task_id)
         if owner is None or owner == self.peer_id:
             try:
-                return await trio.to_thread.run_sync(self.tasks.status, task_id)
+                return await self.queue_call(self.tasks.status, task_id)
             except DatasetsError:
                 ro = self.offers.get(task_id)
                 if ro is None:
@@ -1344,9 +1344,9 @@ class Node:
         }
 
     async def submit_task(self, **kwargs: Any) -> dict[str, Any]:
-        """``TaskQueue.submit`` in a worker thread (the listener announces P2P tasks)."""
+        """``TaskQueue.submit`` through ``queue_call`` (the listener announces P2P tasks)."""
         kwargs.setdefault("owner", self.peer_id)
-        return await trio.to_thread.run_sync(lambda: self.tasks.submit(**kwargs))
+        return await self.queue_call(lambda: self.tasks.submit(**kwargs))
 
 
 # ---------------------------------------------------------------------- one host per cache_dir
