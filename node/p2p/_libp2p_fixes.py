@@ -541,6 +541,15 @@ async def _yamux_write_and_close(stream: YamuxStream, data: bytes) -> bool:
     return True
 
 
+async def _in_one_message(self: NetStream, data: bytes, states: tuple[StreamState, ...]) -> bool:
+    """``data`` and the FIN in one Noise message when the stream is yamux and in ``states``;
+    False, having sent nothing, otherwise."""
+    async with self._state_lock:
+        plain = self._state in states
+    muxed = self.muxed_stream
+    return plain and isinstance(muxed, YamuxStream) and await _yamux_write_and_close(muxed, data)
+
+
 async def _net_stream_write_and_close(self: NetStream, data: bytes) -> None:
     """Send the last bytes of a stream and close it (``write`` then ``close``).
 
@@ -551,10 +560,7 @@ async def _net_stream_write_and_close(self: NetStream, data: bytes) -> None:
     the library's two steps.
     """
     data = self.__dict__.pop(_UNSENT, b"") + data
-    async with self._state_lock:
-        plain = self._state in (StreamState.OPEN, StreamState.CLOSE_READ)
-    muxed = self.muxed_stream
-    if plain and isinstance(muxed, YamuxStream) and await _yamux_write_and_close(muxed, data):
+    if await _in_one_message(self, data, (StreamState.OPEN, StreamState.CLOSE_READ)):
         await self.set_state(StreamState.CLOSE_BOTH)
         await self.remove()
         return
@@ -566,10 +572,7 @@ async def _net_stream_write_and_close_write(self: NetStream, data: bytes) -> Non
     """``write`` then ``close_write``: the request of a request/response stream, whose
     reply is still to be read. Over yamux, in one Noise message (see above)."""
     data = self.__dict__.pop(_UNSENT, b"") + data
-    async with self._state_lock:
-        plain = self._state == StreamState.OPEN
-    muxed = self.muxed_stream
-    if plain and isinstance(muxed, YamuxStream) and await _yamux_write_and_close(muxed, data):
+    if await _in_one_message(self, data, (StreamState.OPEN,)):
         async with self._state_lock:  # what NetStream.close_write does after the FIN
             if self._state == StreamState.OPEN:
                 self._state = StreamState.CLOSE_WRITE
