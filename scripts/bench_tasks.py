@@ -208,9 +208,10 @@ def lock_share(template: Path, workdir: Path) -> float:
     held = [0.0, 0.0]
     acquire, release = _lock.WriterLock.acquire, _lock.WriterLock.release
 
-    def timed_acquire(self: _lock.WriterLock) -> None:
-        acquire(self)
+    def timed_acquire(self: _lock.WriterLock, blocking: bool = True) -> bool:
+        taken = acquire(self, blocking)
         held[1] = time.perf_counter()
+        return taken
 
     def timed_release(self: _lock.WriterLock) -> None:
         held[0] += time.perf_counter() - held[1]
