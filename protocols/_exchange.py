@@ -125,7 +125,11 @@ class ExchangeServer(ABC, Generic[Req, Resp]):
                     self.error_response(pb.ERROR_CODE_DENIED, "peer is not on the allow-list"),
                 )
                 return
-            async with self._slots:
+            try:
+                self._slots.acquire_nowait()  # a free slot needs no trip through trio's scheduler
+            except trio.WouldBlock:
+                await self._slots.acquire()
+            try:
                 try:
                     with trio.fail_after(self.timeout):
                         data = await read_frame(stream, self.max_request_frame)
@@ -142,6 +146,8 @@ class ExchangeServer(ABC, Generic[Req, Resp]):
                 resp = await self.respond(peer, req)
                 self.served += 1
                 await self._answer(stream, resp)
+            finally:
+                self._slots.release()
         except (FrameError, trio.TooSlowError) as exc:
             self.rejected += 1
             logger.debug("resetting %s stream: %s", self.protocol_id, exc)

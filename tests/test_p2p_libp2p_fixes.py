@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from libp2p.abc import INotifee
 from libp2p.host.exceptions import StreamFailure
 from libp2p.io.trio import TrioTCPStream
@@ -254,3 +255,79 @@ async def test_notifee_that_handles_streams_is_still_told(tmp_path: Path) -> Non
         with trio.fail_after(5):
             while "opened" not in seen:
                 await trio.sleep(0.01)
+
+
+async def _check_hot_path_lock(lock: Any, is_free: Any) -> None:
+    ran: list[str] = []
+
+    async def other() -> None:
+        ran.append("other")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)  # ready, but runs only when this task yields
+        async with lock:
+            assert ran == []
+        await lock.acquire()
+        assert ran == []
+        lock.release()
+    assert ran == ["other"]
+
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await lock.acquire()
+    assert is_free()
+
+    order: list[int] = []
+
+    async def waiter(k: int) -> None:
+        async with lock:
+            order.append(k)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await lock.acquire()
+            for k in range(3):
+                nursery.start_soon(waiter, k)
+                await trio.testing.wait_all_tasks_blocked()
+            lock.release()
+    assert order == [0, 1, 2]
+    assert is_free()
+
+
+async def test_hot_path_lock_skips_only_the_needless_yield() -> None:
+    """Uncontended: no trip through the scheduler (another ready task does not run), but a
+    cancelled caller still gets Cancelled. Contended: waits its turn, in FIFO order."""
+    lock = _libp2p_fixes.HotPathLock()
+    await _check_hot_path_lock(lock, lambda: not lock.locked())
+    semaphore = _libp2p_fixes.HotPathSemaphore(1)
+    await _check_hot_path_lock(semaphore, lambda: semaphore.value == 1)
+
+
+async def test_streams_and_connections_use_hot_path_locks(tmp_path: Path) -> None:
+    """The locks every exchange takes are the non-yielding kind, and exchanges still work
+    with many streams in flight at once (contended locks queue as before)."""
+    async with start_nodes(tmp_path, [[], [0]]) as (a, b):
+        a.host.set_stream_handler(ECHO_PROTOCOL, echo_handler)
+        peer = a.host.get_id()
+        with trio.fail_after(10):
+            stream = await b.host.new_stream(peer, [ECHO_PROTOCOL])
+            muxed = stream.muxed_stream
+            hot = _libp2p_fixes.HotPathLock
+            assert type(stream._state_lock) is hot
+            assert type(muxed.window_lock) is hot and type(muxed.close_lock) is hot
+            assert type(muxed.muxed_conn.streams_lock) is hot
+            assert type(muxed.muxed_conn._write_lock) is hot
+            await stream.write(b"x")
+            assert await stream.read(1) == b"x"
+            await stream.close()
+
+            answers: list[bytes] = []
+
+            async def one(k: int) -> None:
+                answers.append(await echo_once(b, peer, b"%d" % k))
+
+            async with trio.open_nursery() as nursery:
+                for k in range(40):
+                    nursery.start_soon(one, k)
+        assert sorted(answers) == sorted(b"%d" % k for k in range(40))

@@ -27,6 +27,9 @@ SYN sent alone when a stream opens            with the stream's first frame
 ACK sent alone when a stream arrives          with the stream's first frame
                                               (``DSI_ACK_AT_ONCE=1``)
 a debug line formatted for every frame        only when debug logging is on
+every lock acquire yields to the scheduler,   an uncontended acquire of a stream's, a
+even when nobody holds the lock               muxer's or a socket's lock goes straight on
+                                              (``DSI_LOCKS_YIELD=1``)
 last data and FIN: two encrypted frames       one (``NetStream.write_and_close[_write]``:
                                               two yamux frames, one Noise message;
                                               ``DSI_FIN_APART=1``)
@@ -430,6 +433,7 @@ _LIBRARY_WRITE_FRAME = Yamux._write_frame
 _HEADER = struct.Struct(YAMUX_HEADER_FORMAT)
 _PENDING_PRUNE_AT = 64
 _defer_ack = True  # set by install()
+_locks_yield = False  # set by install()
 
 
 async def _write_frame(self: Yamux, data: bytes) -> None:
@@ -472,7 +476,10 @@ async def _write_frame(self: Yamux, data: bytes) -> None:
         for pending, sid in taken:  # not sent (e.g. cancelled waiting for the lock)
             pending.add(sid)
         raise
-    await trio.lowlevel.checkpoint()
+    if _locks_yield:
+        # The library yields once more after every frame; the socket send above already
+        # was a schedule point (trio's send_all always is), so only with DSI_LOCKS_YIELD=1.
+        await trio.lowlevel.checkpoint()
 
 
 async def _open_stream_lazy_syn(self: Yamux) -> YamuxStream:
@@ -596,6 +603,138 @@ async def _net_stream_write_then_close_write(self: NetStream, data: bytes) -> No
     await self.close_write()
 
 
+class HotPathLock:
+    """A ``trio.Lock`` whose uncontended ``acquire`` does not yield to the scheduler.
+
+    trio makes every ``acquire`` a schedule point: even when nobody holds the lock, the task
+    goes to the back of the run queue and waits for every other ready task to take a step.
+    py-libp2p takes about twenty such locks per stream (stream state, muxer table, window,
+    socket), so under load an exchange spent most of its latency queueing behind itself:
+    these yields were 54% of the owner's task steps in ``scripts/bench_p2p.py``. Here an
+    uncontended acquire only checks for cancellation (a cancelled task still gets
+    ``Cancelled``); a contended one waits in the lock's fair queue exactly as before. Every
+    path that holds one of these locks reaches a real schedule point soon after (a socket
+    send or receive, a channel, an event), so no loop can run without yielding.
+
+    A wrapper, not a subclass: trio's lock classes are final.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    async def acquire(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    def acquire_nowait(self) -> None:
+        self._lock.acquire_nowait()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def statistics(self) -> Any:
+        return self._lock.statistics()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+class HotPathSemaphore:
+    """``trio.Semaphore`` with ``HotPathLock``'s acquire (no yield when a slot is free)."""
+
+    __slots__ = ("_sem",)
+
+    def __init__(self, initial_value: int, *, max_value: int | None = None) -> None:
+        self._sem = trio.Semaphore(initial_value, max_value=max_value)
+
+    @property
+    def value(self) -> int:
+        return self._sem.value
+
+    @property
+    def max_value(self) -> int | None:
+        return self._sem.max_value
+
+    async def acquire(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self._sem.acquire_nowait()
+        except trio.WouldBlock:
+            await self._sem.acquire()
+
+    def acquire_nowait(self) -> None:
+        self._sem.acquire_nowait()
+
+    def release(self) -> None:
+        self._sem.release()
+
+    def statistics(self) -> Any:
+        return self._sem.statistics()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._sem.release()
+
+
+def _hot_path(obj: Any, names: Sequence[str]) -> None:
+    """Swap ``obj``'s trio locks and semaphores named ``names`` (still unused: called right
+    after the constructor) for the hot-path kind."""
+    for name in names:
+        current = getattr(obj, name, None)
+        if type(current) is trio.Lock:
+            setattr(obj, name, HotPathLock())
+        elif type(current) is trio.Semaphore:
+            setattr(obj, name, HotPathSemaphore(current.value, max_value=current.max_value))
+
+
+# Constructors whose locks every stream takes: (class, lock attributes, attributes holding a
+# py-libp2p ReadWriteLock, whose own lock and semaphore are swapped too).
+_HOT_PATH_LOCKS: tuple[tuple[type, tuple[str, ...], tuple[str, ...]], ...] = (
+    (TrioTCPStream, ("read_lock", "write_lock"), ()),
+    (NetStream, ("_state_lock",), ()),
+    (Yamux, ("streams_lock", "_write_lock", "stream_backlog_semaphore"), ()),
+    (YamuxStream, ("window_lock", "close_lock"), ("rw_lock",)),
+)
+
+
+def _with_hot_path_locks(cls: type, names: tuple[str, ...], rw_locks: tuple[str, ...]) -> None:
+    init = cls.__init__
+    if getattr(init, "_dsi_hot_path", False):
+        return
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        _hot_path(self, names)
+        for name in rw_locks:
+            rw = getattr(self, name, None)
+            if rw is not None:
+                _hot_path(rw, ("_readers_lock", "_writer_lock"))
+
+    __init__._dsi_hot_path = True  # type: ignore[attr-defined]
+    cls.__init__ = __init__  # type: ignore[misc]
+
+
+def _set_resource_manager_hot(self: Swarm, *args: Any, **kwargs: Any) -> None:
+    _LIBRARY_SET_RESOURCE_MANAGER(self, *args, **kwargs)
+    _hot_path(self, ("_stream_semaphore",))
+
+
+_LIBRARY_SET_RESOURCE_MANAGER = Swarm.set_resource_manager
+
+
 # The process-wide workarounds: (switch that turns it off, py-libp2p object, attribute, ours).
 _REPLACEMENTS: tuple[tuple[str, Any, str, Any], ...] = (
     ("DSI_YAMUX_PER_READ_UPDATES", YamuxStream, "_auto_tune_and_send_window_update",
@@ -621,7 +760,12 @@ def install() -> None:
     for switch, owner, attribute, replacement in _REPLACEMENTS:
         if os.environ.get(switch) != "1":
             setattr(owner, attribute, replacement)
-    global _defer_ack
+    global _defer_ack, _locks_yield
+    _locks_yield = os.environ.get("DSI_LOCKS_YIELD") == "1"
+    if not _locks_yield:
+        for cls, names, rw_locks in _HOT_PATH_LOCKS:
+            _with_hot_path_locks(cls, names, rw_locks)
+        Swarm.set_resource_manager = _set_resource_manager_hot  # type: ignore[method-assign]
     _defer_ack = os.environ.get("DSI_ACK_AT_ONCE") != "1"
     Yamux._write_frame = _write_frame  # type: ignore[method-assign]
     apart = os.environ.get("DSI_FIN_APART") == "1"
