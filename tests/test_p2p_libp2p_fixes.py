@@ -318,6 +318,8 @@ async def test_streams_and_connections_use_hot_path_locks(tmp_path: Path) -> Non
             assert type(muxed.window_lock) is hot and type(muxed.close_lock) is hot
             assert type(muxed.muxed_conn.streams_lock) is hot
             assert type(muxed.muxed_conn._write_lock) is hot
+            channel = muxed.muxed_conn.new_stream_send_channel
+            assert type(channel) is _libp2p_fixes.HotPathSendChannel
             await stream.write(b"x")
             assert await stream.read(1) == b"x"
             await stream.close()

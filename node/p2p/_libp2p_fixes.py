@@ -689,6 +689,27 @@ class HotPathSemaphore:
         self._sem.release()
 
 
+class HotPathSendChannel:
+    """A trio memory send channel whose ``send`` does not yield while the buffer has room
+    (like ``HotPathLock``); everything else goes to the channel itself. Yamux's reader hands
+    every new inbound stream over one of these, a yield per stream otherwise."""
+
+    __slots__ = ("_channel",)
+
+    def __init__(self, channel: Any) -> None:
+        self._channel = channel
+
+    async def send(self, value: Any) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self._channel.send_nowait(value)
+        except trio.WouldBlock:
+            await self._channel.send(value)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._channel, name)
+
+
 def _hot_path(obj: Any, names: Sequence[str]) -> None:
     """Swap ``obj``'s trio locks and semaphores named ``names`` (still unused: called right
     after the constructor) for the hot-path kind."""
@@ -696,16 +717,19 @@ def _hot_path(obj: Any, names: Sequence[str]) -> None:
         current = getattr(obj, name, None)
         if type(current) is trio.Lock:
             setattr(obj, name, HotPathLock())
+        elif type(current) is trio.MemorySendChannel:
+            setattr(obj, name, HotPathSendChannel(current))
         elif type(current) is trio.Semaphore:
             setattr(obj, name, HotPathSemaphore(current.value, max_value=current.max_value))
 
 
-# Constructors whose locks every stream takes: (class, lock attributes, attributes holding a
-# py-libp2p ReadWriteLock, whose own lock and semaphore are swapped too).
+# Constructors whose locks (and channel) every stream takes: (class, attributes, attributes
+# holding a py-libp2p ReadWriteLock, whose own lock and semaphore are swapped too).
 _HOT_PATH_LOCKS: tuple[tuple[type, tuple[str, ...], tuple[str, ...]], ...] = (
     (TrioTCPStream, ("read_lock", "write_lock"), ()),
     (NetStream, ("_state_lock",), ()),
-    (Yamux, ("streams_lock", "_write_lock", "stream_backlog_semaphore"), ()),
+    (Yamux, ("streams_lock", "_write_lock", "stream_backlog_semaphore",
+             "new_stream_send_channel"), ()),
     (YamuxStream, ("window_lock", "close_lock"), ("rw_lock",)),
 )
 
