@@ -30,6 +30,7 @@ import trio
 from node.config import build_config
 from node.errors import DatasetsError, PeerError
 from node.p2p import Node, P2PSettings, open_node
+from node.tasks._queue import MAX_BATCH
 
 ECHO_PROTOCOL = "/dsi-bench/echo/1.0.0"
 
@@ -160,16 +161,13 @@ async def run_owner(node: Node, args: argparse.Namespace) -> None:
                 )
                 emit("submitted", task_id=f"{args.prefix}-{i}", at=submitted)
                 await trio.sleep(args.submit_interval)
-        else:
-
-            def submit_all() -> None:
-                for i in range(n):
-                    node.tasks.submit(
-                        f"{args.prefix}-{i}", "noop", {"i": i}, tags=["P2P_ELIGIBLE"],
-                        lease_seconds=args.lease_seconds, owner=node.peer_id,
-                    )
-
-            await trio.to_thread.run_sync(submit_all)
+        else:  # all at once, in batches: one transaction each
+            for first in range(0, n, MAX_BATCH):
+                await node.submit_tasks(
+                    {"task_id": f"{args.prefix}-{i}", "task_type": "noop", "data": {"i": i},
+                     "tags": ["P2P_ELIGIBLE"], "lease_seconds": args.lease_seconds}
+                    for i in range(first, min(first + MAX_BATCH, n))
+                )
         emit("submitted_all", n=n, seconds=time.time() - start, start=start)
     # The queue's counts (a SQL aggregate) are read once a second, and at once when enough
     # tasks completed to finish the open work: polling them faster was a visible share of the

@@ -146,10 +146,12 @@ async def test_list_request_recovers_offers(tmp_path: Path) -> None:
     """Offers made while nobody listened are recovered by asking the owner (ListRequest)."""
     quiet = dataclasses.replace(FAST, reannounce_interval=3600)
     async with start_nodes(tmp_path, [[]], settings=quiet) as (a,):
-        for i in range(5):
-            await a.submit_task(
-                task_id=f"gpu-{i}", task_type="t", data={}, tags=["P2P_ELIGIBLE"], requires=["GPU"]
-            )
+        await a.submit_tasks(  # one batch: offered in the order given
+            {"task_id": f"gpu-{i}", "task_type": "t", "data": {}, "tags": ["P2P_ELIGIBLE"],
+             "requires": ["GPU"]}
+            for i in range(5)
+        )
+        await trio.sleep(0.002)  # offers carry milliseconds: cpu-0 is strictly later
         await a.submit_task(task_id="cpu-0", task_type="t", data={}, tags=["P2P_ELIGIBLE"])
         await a.submit_task(task_id="local-only", task_type="t", data={})
         async with start_nodes(tmp_path / "c", [[]], settings=quiet) as (c,):

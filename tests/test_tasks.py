@@ -168,6 +168,72 @@ def test_unknown_ids_raise_not_found(q: TaskQueue) -> None:
 
 
 # ---------------------------------------------------------------------------- order
+def test_submit_many_queues_a_batch_in_the_order_given(q: TaskQueue, clock: Clock) -> None:
+    events: list[tuple[str, str]] = []
+    q.add_listener(lambda e: events.append((e["event"], e["task_id"])))
+    batch = [
+        {"task_id": f"job-{n}", "task_type": "inference", "data": {"n": n}, "priority": 5}
+        for n in (3, 1, 2)
+    ]
+    batch.append({"task_id": "urgent", "task_type": "inference", "data": {}, "priority": 9,
+                  "tags": ["P2P_ELIGIBLE"], "requires": ["cuda"]})
+    statuses = q.submit_many(batch)
+    assert [s["task_id"] for s in statuses] == ["job-3", "job-1", "job-2", "urgent"]
+    assert all(s["status"] == "pending" for s in statuses)
+    assert statuses[3]["tags"] == ["P2P_ELIGIBLE"] and statuses[3]["requires"] == ["cuda"]
+    assert events == [("submitted", s["task_id"]) for s in statuses]
+    # Equal priorities in the order given (not by id); the higher priority first.
+    order = []
+    while (grant := q.claim_next("w", ["CUDA"])) is not None:
+        order.append(grant["task_id"])
+    assert order == ["urgent", "job-3", "job-1", "job-2"]
+    # Idempotent item by item, like submit: nothing new, the same tasks come back.
+    job_4 = {"task_id": "job-4", "task_type": "inference", "data": {"n": 4}}
+    again = q.submit_many([*batch[:2], job_4])
+    assert [s["status"] for s in again] == ["claimed", "claimed", "pending"]
+    assert q.counts()["pending"] == 1 and q.submit_many([]) == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"task_id": "t1", "task_type": "x", "data": {"other": "body"}},  # conflicts with t1
+        {"task_id": "new", "task_type": "x", "data": {}, "priority": 11},
+        {"task_id": "new", "task_type": "x"},  # no data
+        {"task_id": "new", "task_type": "x", "data": {}, "colour": "red"},
+        {"task_id": "new", "task_type": "x", "data": {}, "owner": "someone"},
+        ["new", "x", {}],
+        {"task_id": "dup", "task_type": "x", "data": {"n": 2}},  # dup below with another body
+    ],
+)
+def test_submit_many_is_all_or_nothing(q: TaskQueue, bad: Any) -> None:
+    q.submit("t1", "x", {"a": 1})
+    batch = [{"task_id": "dup", "task_type": "x", "data": {"n": 1}},
+             {"task_id": "fine", "task_type": "x", "data": {}}, bad]
+    with pytest.raises(DatasetsError) as info:
+        q.submit_many(batch)
+    assert isinstance(info.value, (ConflictError, InvalidArgumentError))
+    assert q.counts()["pending"] == 1  # only t1: no part of the batch was kept
+    with pytest.raises(NotFoundError):
+        q.status("fine")
+
+
+def test_submit_many_same_task_twice_in_a_batch_is_one_task(q: TaskQueue) -> None:
+    item = {"task_id": "t", "task_type": "x", "data": {"a": 1}}
+    statuses = q.submit_many([item, dict(item)])
+    assert [s["task_id"] for s in statuses] == ["t", "t"]
+    assert q.counts()["pending"] == 1
+
+
+def test_submit_many_refuses_oversized_batches(q: TaskQueue) -> None:
+    from node.tasks._queue import MAX_BATCH
+
+    items = ({"task_id": f"t{i}", "task_type": "x", "data": i} for i in range(MAX_BATCH + 1))
+    with pytest.raises(InvalidArgumentError, match="split the batch"):
+        q.submit_many(items)
+    assert q.counts()["pending"] == 0
+
+
 def test_order_priority_then_submit_time_then_id(q: TaskQueue, clock: Clock) -> None:
     q.submit("low", "x", {}, priority=1)
     clock.advance(1)

@@ -54,6 +54,24 @@ def test_seed_document_calls(cache_dir: Path) -> None:
     coordinator.close()
 
 
+def test_submit_tasks_in_one_batch(cache_dir: Path) -> None:
+    coordinator = WorkflowCoordinator(_config(cache_dir))
+    statuses = coordinator.submit_tasks(
+        {"task_id": f"shard-{n}", "task_type": "embed", "data": {"shard": n}} for n in range(3)
+    )
+    assert [s["status"] for s in statuses] == ["pending"] * 3
+    with pytest.raises(ConflictError):  # all or nothing
+        coordinator.submit_tasks([
+            {"task_id": "shard-3", "task_type": "embed", "data": {"shard": 3}},
+            {"task_id": "shard-0", "task_type": "embed", "data": {"shard": "other"}},
+        ])
+    with pytest.raises(NotFoundError):
+        coordinator.get_task_status("shard-3")
+    claimed = [coordinator.get_next_task("w", [])["task_id"] for _ in range(3)]
+    assert claimed == ["shard-0", "shard-1", "shard-2"]
+    coordinator.close()
+
+
 def test_lease_is_remembered_by_the_claiming_object_only(cache_dir: Path) -> None:
     with WorkflowCoordinator(_config(cache_dir)) as a, WorkflowCoordinator(_config(cache_dir)) as b:
         a.submit_task("t1", "x", {"n": 1}, lease_seconds=30)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from node.errors import DatasetsError
@@ -87,6 +88,18 @@ class WorkflowCoordinator(Facade):
         )
         self._p2p()  # with P2P on, make sure the node runs so the task gets announced
         return status
+
+    def submit_tasks(self, tasks: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Queue many tasks at once: each item holds ``submit_task``'s arguments by name.
+
+        One transaction: all are queued or, on any error (e.g. an id already used with
+        another body), none. Equal priorities run in the order given. Much faster than a
+        loop of ``submit_task`` for big batches; at most 10,000 per call. Returns the
+        statuses in the order given.
+        """
+        statuses = self.tasks.submit_many(tasks)
+        self._p2p()  # with P2P on, make sure the node runs so the tasks get announced
+        return statuses
 
     def get_next_task(
         self, worker_id: str, capabilities: list[str] | None = None

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -1347,6 +1347,11 @@ class Node:
         """``TaskQueue.submit`` through ``queue_call`` (the listener announces P2P tasks)."""
         kwargs.setdefault("owner", self.peer_id)
         return await self.queue_call(lambda: self.tasks.submit(**kwargs))
+
+    async def submit_tasks(self, tasks: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """``TaskQueue.submit_many`` (one transaction) through ``queue_call``, owned by us."""
+        items = list(tasks)
+        return await self.queue_call(lambda: self.tasks.submit_many(items, owner=self.peer_id))
 
 
 # ---------------------------------------------------------------------- one host per cache_dir
