@@ -603,7 +603,38 @@ async def _net_stream_write_then_close_write(self: NetStream, data: bytes) -> No
     await self.close_write()
 
 
-class HotPathLock:
+class _FreeWithoutYield:
+    """Wraps a trio lock or semaphore (``_inner``) so that taking it when it is free does
+    not yield to the scheduler; see ``HotPathLock``. A wrapper, not a subclass: trio's lock
+    classes are final."""
+
+    __slots__ = ("_inner",)
+    _inner: Any
+
+    async def acquire(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()  # raises when cancelled; never yields
+        try:
+            self._inner.acquire_nowait()
+        except trio.WouldBlock:
+            await self._inner.acquire()  # contended: the primitive's own fair queue
+
+    def acquire_nowait(self) -> None:
+        self._inner.acquire_nowait()
+
+    def release(self) -> None:
+        self._inner.release()
+
+    def statistics(self) -> Any:
+        return self._inner.statistics()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._inner.release()
+
+
+class HotPathLock(_FreeWithoutYield):
     """A ``trio.Lock`` whose uncontended ``acquire`` does not yield to the scheduler.
 
     trio makes every ``acquire`` a schedule point: even when nobody holds the lock, the task
@@ -615,78 +646,33 @@ class HotPathLock:
     ``Cancelled``); a contended one waits in the lock's fair queue exactly as before. Every
     path that holds one of these locks reaches a real schedule point soon after (a socket
     send or receive, a channel, an event), so no loop can run without yielding.
-
-    A wrapper, not a subclass: trio's lock classes are final.
     """
 
-    __slots__ = ("_lock",)
+    __slots__ = ()
 
     def __init__(self) -> None:
-        self._lock = trio.Lock()
-
-    async def acquire(self) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
-
-    def acquire_nowait(self) -> None:
-        self._lock.acquire_nowait()
-
-    def release(self) -> None:
-        self._lock.release()
+        self._inner = trio.Lock()
 
     def locked(self) -> bool:
-        return self._lock.locked()
-
-    def statistics(self) -> Any:
-        return self._lock.statistics()
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
+        return bool(self._inner.locked())
 
 
-class HotPathSemaphore:
+class HotPathSemaphore(_FreeWithoutYield):
     """``trio.Semaphore`` with ``HotPathLock``'s acquire (no yield when a slot is free)."""
 
-    __slots__ = ("_sem",)
+    __slots__ = ()
 
     def __init__(self, initial_value: int, *, max_value: int | None = None) -> None:
-        self._sem = trio.Semaphore(initial_value, max_value=max_value)
+        self._inner = trio.Semaphore(initial_value, max_value=max_value)
 
     @property
     def value(self) -> int:
-        return self._sem.value
+        return int(self._inner.value)
 
     @property
     def max_value(self) -> int | None:
-        return self._sem.max_value
-
-    async def acquire(self) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            self._sem.acquire_nowait()
-        except trio.WouldBlock:
-            await self._sem.acquire()
-
-    def acquire_nowait(self) -> None:
-        self._sem.acquire_nowait()
-
-    def release(self) -> None:
-        self._sem.release()
-
-    def statistics(self) -> Any:
-        return self._sem.statistics()
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._sem.release()
+        max_value: int | None = self._inner.max_value
+        return max_value
 
 
 class HotPathSendChannel:
