@@ -185,6 +185,9 @@ async def exchange(
     step times out, and libp2p's stream/swarm errors when the peer cannot be reached or does
     not speak ``protocol_id`` (``StreamFailure``, as ``host.new_stream`` raises).
     """
+    from libp2p.host.exceptions import StreamFailure
+    from libp2p.network.stream.exceptions import StreamError
+
     frame = encode_frame(request.SerializeToString(), max_frame)
     early = len(frame) <= _PIPELINE_MAX
     with trio.fail_after(timeout):
@@ -198,11 +201,18 @@ async def exchange(
                 await send_and_close_write(stream, negotiation + frame)
             else:
                 await stream.write(negotiation)
-            header, buf = await read_line(stream, bytearray())
-            answer, buf = await read_line(stream, buf)
+            try:
+                header, buf = await read_line(stream, bytearray())
+                answer, buf = await read_line(stream, buf)
+            except StreamError as exc:
+                # A listener that does not speak the protocol answers "na" and may reset the
+                # stream at once (our request follows where it expects another proposal);
+                # yamux drops unread data on a reset, so the "na" can be lost. Either way
+                # the negotiation failed, which host.new_stream reports as StreamFailure.
+                raise StreamFailure(
+                    f"peer {peer_id} ended the stream before accepting {protocol_id}: {exc!r}"
+                ) from exc
             if header != MULTISTREAM_ID or answer != protocol_id:
-                from libp2p.host.exceptions import StreamFailure
-
                 raise StreamFailure(
                     f"peer {peer_id} does not speak {protocol_id} (answered {answer!r})"
                 )
