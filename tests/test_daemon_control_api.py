@@ -120,6 +120,7 @@ def test_openapi_is_public_and_matches_routes(served: Served) -> None:
         "task_id", "task_type", "data", "priority", "tags", "requires", "max_attempts",
         "lease_seconds"}
     assert set(schemas["ClaimRequest"]["properties"]) == {"worker_id", "capabilities", "wait"}
+    assert set(schemas["SubmitBatchRequest"]["properties"]) == {"tasks"}
 
 
 def test_json_errors_keep_their_class(served: Served) -> None:
@@ -144,6 +145,26 @@ def test_json_errors_keep_their_class(served: Served) -> None:
         c.ls("not-a-cid")
     with pytest.raises(errors.DatasetsError, match="P2P is off"):
         c.peers()
+
+
+def test_batch_submit_is_all_or_nothing(served: Served) -> None:
+    c = served.client
+    batch = [{"task_id": f"b-{n}", "task_type": "echo", "data": {"n": n}} for n in (2, 0, 1)]
+    statuses = c.submit_batch(batch)["tasks"]
+    assert [t["task_id"] for t in statuses] == ["b-2", "b-0", "b-1"]
+    assert {t["owner"] for t in statuses} == {served.services.peer_id}
+    with pytest.raises(errors.ConflictError):  # 409, and b-3 is not kept either
+        c.submit_batch([{"task_id": "b-3", "task_type": "echo", "data": {}},
+                        {"task_id": "b-0", "task_type": "echo", "data": {"n": "other"}}])
+    with pytest.raises(errors.NotFoundError):
+        c.task("b-3")
+    with pytest.raises(errors.InvalidArgumentError):
+        c.submit_batch([{"task_id": "b-4", "task_type": "echo", "data": {}, "colour": 1}])
+    status, body = served.raw("POST", "/v1/tasks/batch", body=json.dumps(
+        {"tasks": "not a list"}).encode(), headers=served.auth())
+    assert status == 400 and body["error"]["type"] == "InvalidArgumentError"
+    order = [c.claim("w", [])["task_id"] for _ in range(3)]
+    assert order == ["b-2", "b-0", "b-1"]
 
 
 def test_task_round_trip_with_fencing(served: Served) -> None:

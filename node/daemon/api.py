@@ -274,6 +274,13 @@ class NodeAPI:
             max_attempts=max_attempts, lease_seconds=lease_seconds,
             owner=self.services.peer_id)
 
+    def submit_batch(self, tasks: list[dict[str, Any]]) -> dict[str, Any]:
+        """Submit many tasks in one transaction: all of them or, on any error, none (each
+        item holds ``submit``'s fields; equal priorities run in the order given)."""
+        if not isinstance(tasks, list):
+            raise InvalidArgumentError("tasks must be a list of submit requests")
+        return {"tasks": self.services.tasks.submit_many(tasks, owner=self.services.peer_id)}
+
     def tasks(self, state: str | None = None, limit: int = 100) -> dict[str, Any]:
         return {"tasks": self.services.tasks.list(state, limit=limit)}
 

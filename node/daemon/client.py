@@ -260,6 +260,9 @@ class ControlClient:
             "tags": tags, "requires": requires, "max_attempts": max_attempts,
             "lease_seconds": lease_seconds})
 
+    def submit_batch(self, tasks: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.request("POST", "/v1/tasks/batch", {"tasks": list(tasks)})
+
     def tasks(self, state: str | None = None, limit: int = 100) -> dict[str, Any]:
         return self.request("GET", "/v1/tasks", query={"state": state, "limit": limit})
 

@@ -146,6 +146,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", r"/v1/pins/(?P<cid>[^/]+)", _call("pin_add")),
     ("DELETE", r"/v1/pins/(?P<cid>[^/]+)", _call("pin_rm")),
     ("POST", r"/v1/tasks", _call("submit")),
+    ("POST", r"/v1/tasks/batch", _call("submit_batch")),
     ("GET", r"/v1/tasks", _tasks_list),
     ("GET", r"/v1/tasks/(?P<task_id>[^/]+)", _task),
     ("POST", r"/v1/tasks/(?P<task_id>[^/]+)/cancel", _call("cancel")),
