@@ -177,3 +177,43 @@ def test_reads_hamt_sharded_folders_written_by_the_daemon(svc: BlockService, cli
 
     root = decode_unixfs(decode_node(svc.get_block(cid)).data or b"")
     assert root.type == HAMT_SHARD
+
+
+def _daemon_add(api: str, data: bytes, **options: str) -> str:
+    """``ipfs add`` with options this project's importer never uses (plain HTTP, not our client)."""
+    import json
+
+    import httpx
+
+    port = api.rsplit("/", 1)[-1]
+    if options.get("cid-version") == "1":
+        options = {"cid-base": "base32", **options}  # js-ipfs refuses base32 for CIDv0
+    resp = httpx.post(f"http://127.0.0.1:{port}/api/v0/add", params={"pin": "false", **options},
+                      files={"file": ("data", data)}, timeout=30)
+    resp.raise_for_status()
+    return str(json.loads(resp.text.strip().splitlines()[-1])["Hash"])
+
+
+@pytest.mark.parametrize("options", [
+    {"chunker": "size-1000"},  # many small leaves: a deeper tree with 174-link nodes
+    {"trickle": "true"},  # trickle layout: internal nodes at uneven depths
+    {"trickle": "true", "chunker": "size-4096"},
+    {"raw-leaves": "true"},  # CIDv0 root over CIDv1 raw leaves
+    {"cid-version": "1", "raw-leaves": "false"},  # CIDv1 root over dag-pb leaves
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_reads_files_shaped_by_other_importer_options(svc: BlockService, kubo, tmp_path: Path,
+                                                      options: dict[str, str]) -> None:
+    """Content someone else added with non-default options reads back byte for byte."""
+    data = random.Random(str(options)).randbytes(600_000)
+    cid = _daemon_add(kubo.api, data, **options)
+    assert svc.cat(cid) == data
+    out = Path(svc.get_file(cid, tmp_path / "out.bin"))
+    assert out.read_bytes() == data
+    assert svc.stat(cid)["size"] == len(data)
+
+
+def test_other_hash_functions_are_a_clear_error(svc: BlockService, kubo, tmp_path: Path) -> None:
+    cid = _daemon_add(kubo.api, b"sha2-512 content", hash="sha2-512", **{"cid-version": "1"})
+    with pytest.raises(InvalidCIDError, match="sha2-512"):
+        svc.get_file(cid, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
