@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import trio
+
 REPO = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = REPO / "tests" / "p2p_peer.py"
 
@@ -94,6 +96,51 @@ class EventProcess:
                 self.proc.wait(timeout=10)
         self._reader.join(timeout=5)
         self._stderr.close()
+
+
+class InteropPeer(EventProcess):
+    """A peer written with another implementation (``tests/interop/``), followed from a trio
+    test: ``wait`` polls its events, so the trio loop and in-process nodes keep running."""
+
+    def __init__(self, label: str, role: str, argv: list[str], log_dir: Path, **kw: Any) -> None:
+        super().__init__(f"{label}-{role}", argv, log_dir, **kw)
+        self.label = label
+        self.role = role
+
+    def all(self, name: str) -> list[dict[str, Any]]:
+        return self.of(name)
+
+    def _describe(self) -> str:
+        with self._cond:
+            tail = [e for e in self.events if e.get("event") not in ("offer", "request")][-12:]
+        return f"exit={self.proc.poll()}; last events: {tail}; stderr tail: {self.stderr_tail()!r}"
+
+    async def wait(
+        self,
+        name: str,
+        timeout: float = 20.0,
+        predicate: Callable[[dict[str, Any]], bool] = lambda e: True,
+    ) -> dict[str, Any]:
+        """The first ``name`` event matching ``predicate``; fails on an ``error`` event, on
+        exit without it, or after ``timeout`` seconds."""
+        who = f"{self.label} {self.role}"
+        deadline = time.monotonic() + timeout
+        while True:
+            exited = self.proc.poll() is not None
+            if exited:
+                self._reader.join(timeout=2)  # take in the last lines before judging
+            for event in self.all(name):
+                if predicate(event):
+                    return event
+            if self.all("error"):
+                raise AssertionError(f"{who} reported an error; {self._describe()}")
+            if exited:
+                raise AssertionError(f"{who} exited without {name!r}; {self._describe()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{who}: no {name!r} event within {timeout}s; {self._describe()}"
+                )
+            await trio.sleep(0.05)
 
 
 class PeerProcess(EventProcess):

@@ -14,10 +14,9 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -27,7 +26,7 @@ from node.p2p import open_node
 from protocols.errors import ErrorResponse
 from protocols.pb import task_pb2 as pb
 from tests.p2p_helpers import FAST, node_config, start_nodes, wait_for
-from tests.p2p_procs import EventProcess
+from tests.p2p_procs import InteropPeer
 
 JS_PEER_DIR = Path(__file__).resolve().parent / "interop" / "js-peer"
 JS_PEER = JS_PEER_DIR / "peer.mjs"
@@ -61,55 +60,20 @@ def node_bin() -> str:
     return node
 
 
-class JsPeer(EventProcess):
-    """One ``peer.mjs`` process; its events are awaited with a timeout (polling, so the trio
-    loop and our in-process node keep running)."""
+class JsPeer(InteropPeer):
+    """One ``peer.mjs`` process."""
 
     def __init__(
         self, node_bin: str, role: str, args: list[str], log_dir: Path, timeout: float
     ) -> None:
         super().__init__(
-            f"js-{role}",
+            "js",
+            role,
             [node_bin, str(JS_PEER), role, "--timeout", str(timeout), *args],
             log_dir,
             cwd=JS_PEER_DIR,
             env=dict(os.environ, NODE_OPTIONS=""),
         )
-        self.role = role
-
-    def all(self, name: str) -> list[dict[str, Any]]:
-        return self.of(name)
-
-    def _describe(self) -> str:
-        with self._cond:
-            tail = [e for e in self.events if e.get("event") not in ("offer", "request")][-12:]
-        return f"exit={self.proc.poll()}; last events: {tail}; stderr tail: {self.stderr_tail()!r}"
-
-    async def wait(
-        self,
-        name: str,
-        timeout: float = 20.0,
-        predicate: Callable[[dict[str, Any]], bool] = lambda e: True,
-    ) -> dict[str, Any]:
-        """The first ``name`` event matching ``predicate``; fails on an ``error`` event, on
-        exit without it, or after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            exited = self.proc.poll() is not None
-            if exited:
-                self._reader.join(timeout=2)  # take in the last lines before judging
-            for event in self.all(name):
-                if predicate(event):
-                    return event
-            if self.all("error"):
-                raise AssertionError(f"js {self.role} reported an error; {self._describe()}")
-            if exited:
-                raise AssertionError(f"js {self.role} exited without {name!r}; {self._describe()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"js {self.role}: no {name!r} event within {timeout}s; {self._describe()}"
-                )
-            await trio.sleep(0.05)
 
 
 @asynccontextmanager
