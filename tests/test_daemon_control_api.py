@@ -279,3 +279,23 @@ def test_provenance_over_the_api(served: Served) -> None:
     assert c.verify()["records"] == 1
     assert c.verify(rec["cid"])["ok"] is True
     json.dumps(found)  # plain JSON all the way through
+
+
+@pytest.mark.parametrize("length", ["abc", "-5", "1e3", "١٢"])
+@pytest.mark.parametrize("path", ["/v1/tasks", "/v1/files"])
+def test_malformed_content_length_is_a_400(served: Served, path: str, length: str) -> None:
+    """Not a 500 from deep inside: a clear error, nothing stored, the connection closed."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", served.server.port), timeout=30) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+                     f"{served.token}\r\nContent-Length: {length}\r\n\r\n{{}}".encode())
+        reply = b""
+        while chunk := sock.recv(65536):  # the server closes: it cannot know where a body ends
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), reply
+    error = json.loads(body)["error"]
+    assert error["type"] == "InvalidArgumentError" and "Content-Length" in error["message"]
+    assert served.client.tasks()["tasks"] == []
+    assert served.client.pin_ls()["pins"] == []

@@ -258,12 +258,28 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         self._drain_body()
         self._send_json(status, error_body(exc))
 
+    def _content_length(self) -> int | None:
+        """The request's Content-Length (None when absent). A value that is not a plain
+        decimal number is a 400, and the connection closes: where its body ends is unknown."""
+        text = self.headers.get("Content-Length")
+        if text is None:
+            return None
+        text = text.strip()
+        if not (text.isascii() and text.isdigit()):
+            self.close_connection = True
+            raise errors.InvalidArgumentError(
+                f"Content-Length must be a non-negative decimal number, got {text[:40]!r}")
+        return int(text)
+
     def _drain_body(self) -> None:
         """Read an unread request body so the keep-alive connection stays in sync."""
         if getattr(self, "_body_read", False):
             return
         self._body_read = True
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = self._content_length() or 0
+        except errors.InvalidArgumentError:
+            return  # the connection closes after the error response
         if 0 < length <= MAX_JSON_BODY:
             self.rfile.read(length)
         elif length:
@@ -271,7 +287,7 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _json_body(self) -> dict[str, Any]:
         self._body_read = True
-        length = int(self.headers.get("Content-Length") or 0)
+        length = self._content_length() or 0
         if length > MAX_JSON_BODY:
             self.close_connection = True
             raise errors.InvalidArgumentError(
@@ -356,15 +372,15 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _upload(self, query: dict[str, str]) -> None:
         self._body_read = True
-        length_text = self.headers.get("Content-Length")
-        if length_text is None:
+        length = self._content_length()
+        if length is None:
             self.close_connection = True
             self._send_json(411, {"error": {"type": "LengthRequired", "message":
                             "POST /v1/files needs a Content-Length header"}})
             return
         cid_version = _int(query.get("cid_version", "0"), "cid_version")
         pin = query.get("pin", "true").lower() not in ("0", "false", "no", "off")
-        result = self.server.api.add_stream(self.rfile, int(length_text),
+        result = self.server.api.add_stream(self.rfile, length,
                                             cid_version=cid_version, pin=pin,
                                             name=query.get("name", ""))
         self._send_json(200, result)
