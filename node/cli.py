@@ -282,7 +282,7 @@ def _parse_time(text: str | None, name: str) -> float | None:
 def _json_value(text: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return text
 
 
@@ -595,7 +595,7 @@ def cmd_submit(ctx: Ctx) -> int:
             body = json.loads(Path(args.file).read_text("utf-8"))
         except OSError as exc:
             raise InvalidArgumentError(f"cannot read {args.file}: {exc}") from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise InvalidArgumentError(f"{args.file} is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise InvalidArgumentError(f"{args.file} must hold a JSON object")
@@ -612,12 +612,12 @@ def cmd_submit(ctx: Ctx) -> int:
     if args.data is not None:
         try:
             body["data"] = json.loads(args.data)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise InvalidArgumentError(f"--data is not valid JSON: {exc}") from None
     if args.data_file is not None:
         try:
             body["data"] = json.loads(Path(args.data_file).read_text("utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, RecursionError) as exc:
             raise InvalidArgumentError(f"--data-file {args.data_file}: {exc}") from None
     for key in ("task_id", "task_type", "priority", "tags", "requires", "max_attempts",
                 "lease_seconds"):

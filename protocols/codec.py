@@ -81,3 +81,5 @@ def decode_json(data: bytes, what: str) -> Any:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise MalformedMessageError(f"{what} is not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedMessageError(f"{what} is JSON nested too deeply") from None

@@ -299,3 +299,16 @@ def test_malformed_content_length_is_a_400(served: Served, path: str, length: st
     assert error["type"] == "InvalidArgumentError" and "Content-Length" in error["message"]
     assert served.client.tasks()["tasks"] == []
     assert served.client.pin_ls()["pins"] == []
+
+
+def test_hostile_json_bodies_are_400s(served: Served) -> None:
+    auth = {**served.auth(), "Content-Type": "application/json"}
+    deep = b'{"task_id": "t", "task_type": "x", "data": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    status, body = served.raw("POST", "/v1/tasks", deep, auth)
+    assert status == 400 and "nested too deeply" in body["error"]["message"]
+    served.client.submit("c1", "x", {})
+    for bad in ({"worker_id": "w", "capabilities": "GPU"}, {"worker_id": "w", "wait": "soon"}):
+        status, body = served.raw("POST", "/v1/claim", json.dumps(bad).encode(), auth)
+        assert status == 400 and body["error"]["type"] == "InvalidArgumentError", body
+    assert served.client.task("c1")["status"] == "pending"  # nothing was claimed
+    assert [t["task_id"] for t in served.client.tasks()["tasks"]] == ["c1"]

@@ -128,6 +128,8 @@ def test_json_payloads() -> None:
         codec.decode_json(b"{nope", "result")
     with pytest.raises(MalformedMessageError):
         codec.decode_json(b"\xff", "result")
+    with pytest.raises(MalformedMessageError, match="nested too deeply"):
+        codec.decode_json(b"[" * 100_000 + b"]" * 100_000, "result")  # fits in one frame
 
 
 def test_check_request() -> None:

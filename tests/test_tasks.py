@@ -133,6 +133,13 @@ def test_bad_task_id(q: TaskQueue, task_id: Any) -> None:
         q.submit(task_id, "x", {})
 
 
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -144,6 +151,7 @@ def test_bad_task_id(q: TaskQueue, task_id: Any) -> None:
         {"tags": "GPU_PREFERRED"},
         {"tags": [""]},
         {"requires": [1]},
+        {"data": _nested(5000)},  # RecursionError inside json, reported as bad input
     ],
 )
 def test_other_bad_arguments(q: TaskQueue, kwargs: dict[str, Any]) -> None:

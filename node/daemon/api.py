@@ -323,13 +323,21 @@ class NodeAPI:
 
         ``wait`` > 0 long-polls up to that many seconds (max 30) for a task to appear.
         """
-        wait = max(0.0, min(float(wait), 30.0))
+        try:
+            wait = max(0.0, min(float(wait), 30.0))
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"wait must be a number of seconds, got {wait!r}") from None
+        if capabilities is None:
+            capabilities = []
+        elif not isinstance(capabilities, list):  # a bare "GPU" must not become G, P, U
+            raise InvalidArgumentError(
+                f"capabilities must be a list of strings, got {capabilities!r}")
         deadline = time.monotonic() + wait
         self._ensure_task_listener()
         while True:
             if not self._accepting:
                 return None
-            grant = self._claim_once(worker_id, list(capabilities or []))
+            grant = self._claim_once(worker_id, capabilities)
             if grant is not None:
                 return grant
             remaining = deadline - time.monotonic()

@@ -300,6 +300,8 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
             body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise errors.InvalidArgumentError(f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise errors.InvalidArgumentError("request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise errors.InvalidArgumentError("request body must be a JSON object")
         return body

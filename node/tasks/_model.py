@@ -76,6 +76,8 @@ def to_json(value: Any, name: str) -> str:
     """Canonical JSON (sorted keys, no NaN): equal values give equal text."""
     try:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except RecursionError:
+        raise InvalidArgumentError(f"{name} is nested too deeply (or circular) for JSON") from None
     except (TypeError, ValueError) as exc:
         raise InvalidArgumentError(
             f"{name} must be JSON-serialisable (dicts, lists, str, int, finite float, bool, "

@@ -329,7 +329,7 @@ class Worker:
                 output = value
             try:
                 json.dumps(output, allow_nan=False)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, RecursionError) as exc:
                 raise TaskFailed(f"handler returned a value JSON cannot hold: {exc}",
                                  retryable=False) from None
         except TaskFailed as exc:
