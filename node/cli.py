@@ -502,14 +502,15 @@ def cmd_get(ctx: Ctx) -> int:
             out.flush()
         return 0
     dest = Path(args.dest).expanduser().resolve()
+    # Like the storage layer: a file goes into a folder that exists or is named "out/".
+    if not is_dir and (args.dest.endswith(("/", os.sep)) or dest.is_dir()):
+        dest = dest / args.cid
     if ctx.client() is None:  # in-process: the storage layer reports bytes written
         with Progress.for_transfer(None if is_dir else size, label, args.progress) as bar:
             result = ops.get_local(args.cid, dest, progress=bar.update)
     elif is_dir:
         result = ops.get(args.cid, str(dest))
     else:
-        if dest.is_dir():  # like the storage layer: a file goes into an existing folder
-            dest = dest / args.cid
         with _opened(ops, args.cid) as (length, chunks), \
                 Progress.for_transfer(length or size, label, args.progress) as bar:
             _write_atomic(dest, chunks, bar.update)

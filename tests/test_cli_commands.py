@@ -70,6 +70,10 @@ def test_add_get_ls_pin(mode: Mode, tmp_path: Path) -> None:
     res = mode.run("get", big_cid, str(tmp_path / "out2.bin"), "--progress")
     assert "100.0%" in res.stderr and (tmp_path / "out2.bin").read_bytes() == payload
     assert mode.run("get", HELLO_V0, "-").stdout == "hello world\n"
+    # "DIR/" names a folder (created if missing): the file goes into it, named by its CID.
+    into = mode.json("get", HELLO_V0, f"{tmp_path / 'fresh'}/", "--no-progress")
+    assert into["dest"] == str(tmp_path / "fresh" / HELLO_V0)
+    assert (tmp_path / "fresh" / HELLO_V0).read_bytes() == b"hello world\n"
     # Folders: add, ls, get.
     folder = tmp_path / "ds"
     (folder / "sub").mkdir(parents=True)

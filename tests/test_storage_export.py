@@ -95,6 +95,9 @@ def test_get_file_writes_into_existing_folder_and_replaces_symlink(svc: BlockSer
     trap.symlink_to(victim)
     svc.get_file(cid, trap)  # the link is replaced, its target never written through
     assert victim.read_bytes() == b"untouched" and trap.read_bytes() == b"content"
+    # A trailing separator names a folder, created if missing (as with cp and rsync).
+    written = Path(svc.get_file(cid, f"{tmp_path / 'new-folder'}/"))
+    assert written == tmp_path / "new-folder" / cid and written.read_bytes() == b"content"
 
 
 def test_bad_inputs(svc: BlockService, tmp_path: Path) -> None:

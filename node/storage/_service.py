@@ -413,16 +413,19 @@ class BlockService:
         *,
         progress: Callable[[int], None] | None = None,
     ) -> Path:
-        """Write a file or folder to ``dest`` (a file goes *into* ``dest`` if it is a folder).
+        """Write a file or folder to ``dest``. A file goes *into* ``dest``, named by its CID,
+        when ``dest`` is a folder or ends with a path separator (``out/``, as with ``cp``).
 
         Every block is verified; names in directory nodes that would leave ``dest`` raise
         UnsafePathError; files appear atomically (temp file + rename).
         """
         c = parse_cid(cid)
-        target = Path(os.fspath(dest)).expanduser()
+        text = os.fspath(dest)
+        as_folder = isinstance(text, str) and text.endswith((os.sep, "/"))
+        target = Path(text).expanduser()
         self._dag_from_peers(c)
         info = _unixfs.node_info(c, self.get_block(c))
-        if info.type == "file" and target.is_dir() and not target.is_symlink():
+        if info.type == "file" and (as_folder or (target.is_dir() and not target.is_symlink())):
             target = target / str(cid).strip()
         self._exporter(progress).export(c, target)
         return target
