@@ -300,6 +300,25 @@ def test_disabled_services_record_nothing_and_never_raise(offline: dict[str, Any
         assert lg.verify()["records"] == 0
 
 
+def test_record_names_must_be_non_empty_strings(offline: dict[str, Any]) -> None:
+    """A bad name is refused whether or not recording is on (it is the caller's bug)."""
+    for enabled in (True, False):
+        cfg = {**offline, "enable_audit": enabled, "enable_provenance": enabled}
+        with DatasetsManager(cfg) as m, ProvenanceLogger(cfg) as lg:
+            calls = [
+                lambda: m.log_event(None, {}),
+                lambda: m.track_provenance("", {}),
+                lambda: lg.log_inference(None, {}),
+                lambda: lg.log_transformation("  ", {}),
+                lambda: lg.log_worker_execution("w", 7, {}),
+                lambda: lg.log_pr_activity(1, None, {}),
+            ]
+            for call in calls:
+                with pytest.raises(InvalidArgumentError, match="non-empty string"):
+                    call()
+            assert lg.verify()["records"] == 0
+
+
 def test_get_unknown_record(logger: ProvenanceLogger) -> None:
     from node.provenance import cid_for
 

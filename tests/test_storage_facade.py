@@ -14,7 +14,7 @@ from ipfs_accelerate_py.datasets_integration import (
     is_datasets_available,
 )
 from node import status as node_status
-from node.errors import ConfigError, InvalidCIDError, PathNotFoundError
+from node.errors import ConfigError, InvalidArgumentError, InvalidCIDError, PathNotFoundError
 from node.storage import CHUNK_SIZE, KuboClient
 
 DEAD_API = "/ip4/127.0.0.1/tcp/1"  # nothing listens there
@@ -64,6 +64,8 @@ def test_seed_calls_without_daemon(cache_dir: Path, tmp_path: Path) -> None:
             fs.add_file("/path/to/model.bin")
         with pytest.raises(InvalidCIDError):
             fs.get_file("Qm...", str(tmp_path / "x"))
+        with pytest.raises(InvalidArgumentError, match="dest must be a path"):
+            fs.get_file(cid, None)
         assert fs.unpin(cid) and fs.gc()["removed"] == 0  # still queued for Kubo: kept
     # a second handler on the same cache_dir reads what the first stored
     with FilesystemHandler(cache_dir=str(cache_dir), ipfs_api=DEAD_API) as fs2:

@@ -23,7 +23,7 @@ from typing import Any
 from node.config import datasets_enabled_mode
 
 from ._facade import Facade
-from .provenance import split_link_fields
+from .provenance import require_name, split_link_fields
 
 
 class DatasetsManager(Facade):
@@ -31,6 +31,7 @@ class DatasetsManager(Facade):
 
     def log_event(self, event_type: str, data: Mapping[str, Any] | None = None) -> bool:
         """Record an audit event; True = it also reached IPFS (Kubo), False = local only."""
+        require_name(event_type, "event_type")
         if not self.config.enable_audit:
             return False
         rest, input_cid, output_cid = split_link_fields(data)
@@ -42,6 +43,7 @@ class DatasetsManager(Facade):
 
     def track_provenance(self, operation: str, data: Mapping[str, Any] | None = None) -> str | None:
         """Record a provenance step and return its CID (None when provenance is disabled)."""
+        require_name(operation, "operation")
         if not self.config.enable_provenance:
             return None
         rest, input_cid, output_cid = split_link_fields(data)

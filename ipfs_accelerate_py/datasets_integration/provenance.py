@@ -34,6 +34,13 @@ from node.errors import InvalidArgumentError
 from ._facade import Facade
 
 
+def require_name(value: Any, what: str) -> str:
+    """A record's naming field (model, operation, event type, ids): a non-empty string."""
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidArgumentError(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
 def split_link_fields(
     data: Mapping[str, Any] | None, input_cid: Any = None, output_cid: Any = None
 ) -> tuple[dict[str, Any], Any, Any]:
@@ -86,7 +93,7 @@ class ProvenanceLogger(Facade):
     # --- the seed's calls -----------------------------------------------------------------
     def log_inference(self, model: str, data: Mapping[str, Any] | None = None) -> str | None:
         """An inference run of ``model``; ``data`` holds its inputs/outputs/metrics."""
-        return self._log("inference", {"model": model}, data)
+        return self._log("inference", {"model": require_name(model, "model")}, data)
 
     def log_transformation(
         self,
@@ -96,20 +103,25 @@ class ProvenanceLogger(Facade):
         output_cid: Any = None,
     ) -> str | None:
         """A data transformation (tokenization, filtering, ...) from inputs to outputs."""
-        return self._log("transformation", {"operation": operation}, data, input_cid, output_cid)
+        fields = {"operation": require_name(operation, "operation")}
+        return self._log("transformation", fields, data, input_cid, output_cid)
 
     def log_worker_execution(
         self, worker_id: str, task_id: str, data: Mapping[str, Any] | None = None
     ) -> str | None:
         """A task executed by a worker (the task queue writes these on complete/fail)."""
-        return self._log("worker_execution", {"worker_id": worker_id, "task_id": task_id}, data)
+        fields = {"worker_id": require_name(worker_id, "worker_id"),
+                  "task_id": require_name(task_id, "task_id")}
+        return self._log("worker_execution", fields, data)
 
     def log_pr_activity(
         self, pr_number: int, activity_type: str, data: Mapping[str, Any] | None = None
     ) -> str | None:
         """Activity on a pull request (suggestions, reviews, merges)."""
         return self._log(
-            "pr_activity", {"pr_number": pr_number, "activity": activity_type}, data
+            "pr_activity",
+            {"pr_number": pr_number, "activity": require_name(activity_type, "activity_type")},
+            data,
         )
 
     def query_logs(

@@ -420,6 +420,8 @@ class BlockService:
         UnsafePathError; files appear atomically (temp file + rename).
         """
         c = parse_cid(cid)
+        if not isinstance(dest, (str, os.PathLike)):
+            raise InvalidArgumentError(f"dest must be a path, got {type(dest).__name__}")
         text = os.fspath(dest)
         as_folder = isinstance(text, str) and text.endswith((os.sep, "/"))
         target = Path(text).expanduser()
