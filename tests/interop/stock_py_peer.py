@@ -21,6 +21,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,19 @@ def dsi_modules() -> list[str]:
 
 def emit(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
+
+
+@asynccontextmanager
+async def running() -> AsyncIterator[tuple[Any, Pubsub]]:
+    """A started host on a free loopback port with gossipsub ready; stopped on exit."""
+    host, pubsub, gossipsub = build()
+    async with (
+        host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]),
+        background_trio_service(pubsub),
+        background_trio_service(gossipsub),
+    ):
+        await pubsub.wait_until_ready()
+        yield host, pubsub
 
 
 def build() -> tuple[Any, Pubsub, GossipSub]:
@@ -122,13 +137,7 @@ def describe(resp: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- worker
 async def run_worker(args: argparse.Namespace) -> None:
-    host, pubsub, gossipsub = build()
-    async with (
-        host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]),
-        background_trio_service(pubsub),
-        background_trio_service(gossipsub),
-    ):
-        await pubsub.wait_until_ready()
+    async with running() as (host, pubsub):
         emit("ready", peer_id=host.get_id().to_base58(), addrs=full_addrs(host),
              dsi_modules=dsi_modules())
         sub = await pubsub.subscribe(TOPIC)
@@ -294,13 +303,7 @@ class Owner:
 
 
 async def run_owner(args: argparse.Namespace) -> None:
-    host, pubsub, gossipsub = build()
-    async with (
-        host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]),
-        background_trio_service(pubsub),
-        background_trio_service(gossipsub),
-    ):
-        await pubsub.wait_until_ready()
+    async with running() as (host, pubsub):
         owner = Owner(args, host.get_id().to_base58(), full_addrs(host))
         host.set_stream_handler(TASK_PROTOCOL, owner.handle)
         await pubsub.subscribe(TOPIC)  # join the topic's mesh so publishes reach the workers
