@@ -734,3 +734,26 @@ def test_nonblocking_calls_raise_queue_busy_instead_of_waiting(db: Path) -> None
     finally:
         queue.close()
         other.close()
+
+
+def test_the_log_is_rewound_under_steady_writes(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The WAL must not grow without bound while a worker keeps the queue busy: the
+    background checkpoint finishes under the writer lock, so the next write starts the log
+    from the top. (Before, 20,000 cycles left a 414 MiB log; here 2,000 would leave ~60.)"""
+    import node.tasks._queue as queue_module
+
+    monkeypatch.setattr(queue_module, "_CHECKPOINT_EVERY", 100)
+    db = tmp_path / "steady.sqlite"
+    wal = Path(f"{db}-wal")
+    with TaskQueue(db) as queue:
+        sizes = []
+        for i in range(2000):
+            queue.submit(f"t{i}", "x", {"i": i, "pad": "x" * 200})
+            grant = queue.claim_next("w", [])
+            assert grant is not None
+            queue.complete(grant["task_id"], grant["lease_id"], {"ok": True})
+            if i % 250 == 249:
+                sizes.append(wal.stat().st_size)
+        assert queue.counts()["completed"] == 2000
+    assert max(sizes) < 16 << 20, [s >> 20 for s in sizes]

@@ -171,7 +171,7 @@ class TaskQueue:
         self._nonblocking = threading.local()
         self._conn: sqlite3.Connection | None = connect(self.db_path, busy_timeout)
         self._writer = WriterLock(self.db_path)
-        self._checkpointer = Checkpointer(str(self.db_path))
+        self._checkpointer = Checkpointer(str(self.db_path), writer_lock=True)
         self._listeners: builtins.list[Listener] = []
         self._key_reqs: dict[str, frozenset[str]] = {}
         self._reap_mark = 0.0

@@ -5,9 +5,10 @@ OS page cache at least) before ``COMMIT`` returns, so it survives the process cr
 SIGKILLed at any point; only an OS crash or power loss can drop the last few commits, and even
 then the database is never corrupt. ``FULL`` would add an fsync to every commit.
 Automatic checkpoints are off for these connections: every ``TaskQueue`` asks its own background
-thread (``node._sqlite.Checkpointer``) for a PASSIVE checkpoint every thousand of its commits, so
-copying the WAL back into the database never holds up a caller or other writers (the last
-connection to close checkpoints too).
+thread (``node._sqlite.Checkpointer``) for a checkpoint every thousand of its commits. The bulk
+of the copy runs beside the writers (PASSIVE); only the frames written meanwhile are copied
+under the writer lock (RESTART), so the next writer rewinds the log and the WAL stays a few MiB
+under any load (the last connection to close checkpoints too).
 
 Indexes exist for the hot paths only:
 
