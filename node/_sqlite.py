@@ -42,7 +42,9 @@ class Checkpointer:
     disk. Run inline it stalls the caller that happens to trigger it; here it runs in a
     thread with its own connection, and since ``sqlite3`` releases the GIL during the
     checkpoint, the owner keeps committing meanwhile. PASSIVE never waits for readers or
-    writers, so it is safe beside any number of connections in any process.
+    writers, so it is safe beside any number of connections in any process. With
+    ``writer_lock`` (every writer of the database takes ``WriterLock``), each checkpoint ends
+    with a short RESTART under that lock, so the log is rewound (see ``_checkpoint``).
     """
 
     def __init__(self, path: str, timeout: float = 30.0, *, writer_lock: bool = False) -> None:
