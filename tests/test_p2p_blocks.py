@@ -287,6 +287,13 @@ async def test_owner_records_remote_worker_execution(tmp_path: Path) -> None:
         assert rec["output_cid"] == result_cid and rec["input_cid"] == input_cid
         assert rec["data"]["status"] == "completed" and rec["data"]["owner"] == owner.peer_id
         assert rec["data"]["result"] == {"status": "success"}
+        # The worker repeats its complete (as when the first Ack was lost): acknowledged
+        # again, recorded once.
+        again = await worker.client.complete(
+            owner.host.get_id(), "ok", grant.lease_id, b'{"status":"success"}', result_cid
+        )
+        assert again.state == pb.TASK_STATE_COMPLETED
+        assert owner.stats["provenance_repeats"] == 1 and len(records("ok")) == 1
 
         grant = await claim("bad")
         ack = await worker.client.fail(owner.host.get_id(), "bad", grant.lease_id, "OOM", False)
