@@ -164,10 +164,13 @@ def test_completion_writes_a_worker_execution_record(cache_dir: Path) -> None:
         input_cid = c.services.local_blocks.put(b"input batch")
         output_cid = c.services.local_blocks.put(b"768 float32 embeddings")
         c.submit_task("emb-1", "embedding", {"model": "bert", "input_cid": input_cid})
-        c.get_next_task("gpu-worker-7", ["GPU"])
+        lease = c.get_next_task("gpu-worker-7", ["GPU"])["lease_id"]
         st = c.complete_task("emb-1", {"dims": 768}, result_cid=output_cid)
         record_cid = st["provenance_cid"]
         assert record_cid
+        # The same completion again (a retried call): accepted, and still one record.
+        again = c.complete_task("emb-1", {"dims": 768}, lease_id=lease, result_cid=output_cid)
+        assert again["status"] == "completed" and again["provenance_cid"] == record_cid
         logs = p.query_logs({"type": "worker_execution", "task_id": "emb-1"})
         assert [r["cid"] for r in logs] == [record_cid]
         record = logs[0]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from node.tasks import TaskQueue
 
 log = logging.getLogger(__name__)
+_MAX_RECORDED = 10_000  # executions remembered against repeated complete/fail calls
 
 
 def _cid_or_none(value: Any) -> str | None:
@@ -59,6 +61,9 @@ class WorkflowCoordinator(Facade):
         # Routes each call (local queue or P2P node) and remembers the leases granted to this
         # object, so callers may omit lease_id.
         self._router = TaskRouter(lambda: self.services.tasks, self._p2p)
+        # (task, lease, outcome) -> record CID of recent executions: a repeated complete or
+        # fail (idempotent in the queue) returns the first record instead of writing another.
+        self._recorded: OrderedDict[tuple[str, str, str], str | None] = OrderedDict()
 
     @property
     def tasks(self) -> TaskQueue:
@@ -121,7 +126,9 @@ class WorkflowCoordinator(Facade):
     ) -> dict[str, Any]:
         """Finish a task with a JSON result (and the CID of a larger output, if any)."""
         status, held = self._router.complete(task_id, result, lease_id, result_cid)
-        status["provenance_cid"] = self._record_execution(status, held, "completed", result)
+        status["provenance_cid"] = self._record_once(
+            status, held, lease_id, "completed", result
+        )
         return status
 
     def fail_task(
@@ -133,7 +140,7 @@ class WorkflowCoordinator(Facade):
     ) -> dict[str, Any]:
         """Report a failed attempt; retried with backoff while attempts remain."""
         status, held = self._router.fail(task_id, error, retryable, lease_id)
-        status["provenance_cid"] = self._record_execution(status, held, "failed", None, error)
+        status["provenance_cid"] = self._record_once(status, held, lease_id, "failed", None, error)
         return status
 
     def cancel_task(self, task_id: str) -> dict[str, Any]:
@@ -162,6 +169,26 @@ class WorkflowCoordinator(Facade):
         return out
 
     # ------------------------------------------------------------------ provenance
+    def _record_once(
+        self,
+        status: dict[str, Any],
+        held: HeldLease | None,
+        lease_id: str | None,
+        outcome: str,
+        result: Any,
+        error: Any = None,
+    ) -> str | None:
+        """``_record_execution``, once per lease and outcome."""
+        lease = lease_id or (held.lease_id if held is not None else "")
+        key = (status["task_id"], lease, outcome)
+        if key in self._recorded:
+            return self._recorded[key]
+        cid = self._record_execution(status, held, outcome, result, error)
+        self._recorded[key] = cid
+        while len(self._recorded) > _MAX_RECORDED:
+            self._recorded.popitem(last=False)
+        return cid
+
     def _record_execution(
         self,
         status: dict[str, Any],
