@@ -462,6 +462,7 @@ def test_complete_retry_is_idempotent_and_result_cid(q: TaskQueue) -> None:
     assert first["result_cid"] == HELLO_CID
     again = q.complete("t", g["lease_id"], {"n": 1}, result_cid=HELLO_CID)
     assert again["completed_at"] == first["completed_at"]
+    assert again["repeated"] is True and "repeated" not in first
     with pytest.raises(ConflictError):
         q.complete("t", g["lease_id"], {"n": 2}, result_cid=HELLO_CID)
     with pytest.raises(TaskStateError):
@@ -486,7 +487,8 @@ def test_fail_retryable_and_final(q: TaskQueue, clock: Clock) -> None:
     g = q.claim_next("w", [])
     st = q.fail("u", g["lease_id"], "bad input", retryable=False)
     assert st["status"] == "failed" and st["attempt"] == 1 and st["error"] == "bad input"
-    assert q.fail("u", g["lease_id"], "bad input", retryable=False)["status"] == "failed"
+    repeat = q.fail("u", g["lease_id"], "bad input", retryable=False)  # the same report again
+    assert repeat["status"] == "failed" and repeat["repeated"] is True
 
 
 def test_cancel(q: TaskQueue) -> None:

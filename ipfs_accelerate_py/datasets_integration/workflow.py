@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
     from node.tasks import TaskQueue
 
 log = logging.getLogger(__name__)
-_MAX_RECORDED = 10_000  # executions remembered against repeated complete/fail calls
 
 
 def _cid_or_none(value: Any) -> str | None:
@@ -61,9 +59,6 @@ class WorkflowCoordinator(Facade):
         # Routes each call (local queue or P2P node) and remembers the leases granted to this
         # object, so callers may omit lease_id.
         self._router = TaskRouter(lambda: self.services.tasks, self._p2p)
-        # (task, lease, outcome) -> record CID of recent executions: a repeated complete or
-        # fail (idempotent in the queue) returns the first record instead of writing another.
-        self._recorded: OrderedDict[tuple[str, str, str], str | None] = OrderedDict()
 
     @property
     def tasks(self) -> TaskQueue:
@@ -126,9 +121,7 @@ class WorkflowCoordinator(Facade):
     ) -> dict[str, Any]:
         """Finish a task with a JSON result (and the CID of a larger output, if any)."""
         status, held = self._router.complete(task_id, result, lease_id, result_cid)
-        status["provenance_cid"] = self._record_once(
-            status, held, lease_id, "completed", result
-        )
+        status["provenance_cid"] = self._record_execution(status, held, "completed", result)
         return status
 
     def fail_task(
@@ -140,7 +133,7 @@ class WorkflowCoordinator(Facade):
     ) -> dict[str, Any]:
         """Report a failed attempt; retried with backoff while attempts remain."""
         status, held = self._router.fail(task_id, error, retryable, lease_id)
-        status["provenance_cid"] = self._record_once(status, held, lease_id, "failed", None, error)
+        status["provenance_cid"] = self._record_execution(status, held, "failed", None, error)
         return status
 
     def cancel_task(self, task_id: str) -> dict[str, Any]:
@@ -169,25 +162,15 @@ class WorkflowCoordinator(Facade):
         return out
 
     # ------------------------------------------------------------------ provenance
-    def _record_once(
-        self,
-        status: dict[str, Any],
-        held: HeldLease | None,
-        lease_id: str | None,
-        outcome: str,
-        result: Any,
-        error: Any = None,
-    ) -> str | None:
-        """``_record_execution``, once per lease and outcome."""
-        lease = lease_id or (held.lease_id if held is not None else "")
-        key = (status["task_id"], lease, outcome)
-        if key in self._recorded:
-            return self._recorded[key]
-        cid = self._record_execution(status, held, outcome, result, error)
-        self._recorded[key] = cid
-        while len(self._recorded) > _MAX_RECORDED:
-            self._recorded.popitem(last=False)
-        return cid
+    def _first_record(self, task_id: str, outcome: str) -> str | None:
+        """The newest worker_execution record of ``task_id`` with this outcome, if any."""
+        records = self.services.provenance.query(
+            {"type": "worker_execution", "task_id": task_id}, 100
+        )
+        for record in records:
+            if isinstance(record.get("data"), dict) and record["data"].get("status") == outcome:
+                return str(record["cid"])
+        return None
 
     def _record_execution(
         self,
@@ -197,9 +180,14 @@ class WorkflowCoordinator(Facade):
         result: Any,
         error: Any = None,
     ) -> str | None:
-        """Append a worker_execution record; a provenance failure never undoes the task."""
+        """Append a worker_execution record; a provenance failure never undoes the task.
+
+        A repeated report (the queue accepted the same completion or failure again) writes
+        nothing: the answer is the record written the first time."""
         if not self.config.enable_provenance:
             return None
+        if status.get("repeated"):
+            return self._first_record(status["task_id"], outcome)
         data: dict[str, Any] = {
             "status": outcome,
             "task_type": status.get("task_type"),

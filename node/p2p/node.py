@@ -225,7 +225,7 @@ class OwnerAuthority:
             ),
         )
         self.node.stats["served_completes"] += 1
-        self.node._record_remote_execution(worker, st, "completed", req.lease_id, result=result)
+        self.node._record_remote_execution(worker, st, "completed", result=result)
         return pb.Ack(task_id=req.task_id, state=STATE_TO_PB[st["status"]])
 
     async def heartbeat(self, worker: str, req: pb.HeartbeatRequest) -> pb.Ack:
@@ -242,9 +242,7 @@ class OwnerAuthority:
                 req.task_id, req.lease_id, req.error or "failed", req.retryable, worker_id=worker
             ),
         )
-        self.node._record_remote_execution(
-            worker, st, "failed", req.lease_id, error=req.error or "failed"
-        )
+        self.node._record_remote_execution(worker, st, "failed", error=req.error or "failed")
         return pb.Ack(task_id=req.task_id, state=STATE_TO_PB[st["status"]])
 
     async def status(self, worker: str, req: pb.StatusRequest) -> pb.TaskStatus:
@@ -329,9 +327,6 @@ class Node:
         self.stats: Counter[str] = Counter()
         self._held: dict[str, HeldLease] = {}
         self._remote_owner: OrderedDict[str, str] = OrderedDict()
-        # (task, lease, outcome) of the remote executions recorded lately, so a repeated
-        # complete or fail is not recorded twice (see _record_remote_execution).
-        self._executions_recorded: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         # task id -> (kind: "offer" | "claimed" | "final", payload), oldest first
         self._announce_q: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
         self._queued_offers = 0
@@ -453,7 +448,6 @@ class Node:
         worker: str,
         st: dict[str, Any],
         outcome: str,
-        lease_id: str,
         *,
         result: Any = None,
         error: str | None = None,
@@ -463,17 +457,13 @@ class Node:
         the background: the task's state is already committed, and a slow or failing
         provenance store must neither delay nor fail the worker's request.
 
-        Once per lease and outcome: a worker that repeats its complete (its first answer was
-        lost on the way back) gets the same Ack again, but the execution is recorded once."""
+        A worker that repeats its complete (its first answer was lost on the way back) gets
+        the same Ack again; the queue marks that status ``repeated`` and nothing is recorded."""
         if not self.config.enable_provenance or self._nursery is None or self._closed:
             return
-        key = (st["task_id"], lease_id, outcome)
-        if key in self._executions_recorded:
+        if st.get("repeated"):
             self.stats["provenance_repeats"] += 1
             return
-        self._executions_recorded[key] = None
-        while len(self._executions_recorded) > _MAX_REMEMBERED_REMOTE:
-            self._executions_recorded.popitem(last=False)
         data: dict[str, Any] = {
             "status": outcome,
             "task_type": st.get("task_type"),

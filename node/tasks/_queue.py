@@ -143,6 +143,11 @@ class QueueBusy(Exception):
     """Raised inside ``TaskQueue.nonblocking()`` instead of waiting; nothing was changed."""
 
 
+def _repeated(row: dict[str, Any]) -> dict[str, Any]:
+    """The status answered to a report the queue already had: nothing changed this time."""
+    return {**status_dict(row), "repeated": True}
+
+
 class TaskQueue:
     """A durable, multi-process-safe task queue in one SQLite file (see the module docs).
 
@@ -804,7 +809,11 @@ class TaskQueue:
         result_cid: str | None = None,
         worker_id: str | None = None,
     ) -> dict[str, Any]:
-        """Finish the task with a JSON result (and optionally the CID of a bigger output)."""
+        """Finish the task with a JSON result (and optionally the CID of a bigger output).
+
+        The same holder completing again with the same result (a retried call whose first
+        answer was lost) is accepted: the status comes back with ``repeated: True`` and
+        nothing changes, so callers record the execution once."""
         m.check_id(task_id)
         result_json = m.to_json(result, "result")
         result_cid = m.check_cid(result_cid)
@@ -853,7 +862,7 @@ class TaskQueue:
         if error is not None:
             raise error
         assert row is not None
-        return status_dict(row)
+        return status_dict(row) if done is not None else _repeated(row)
 
     def fail(
         self,
@@ -863,10 +872,12 @@ class TaskQueue:
         retryable: bool = True,
         worker_id: str | None = None,
     ) -> dict[str, Any]:
-        """Report a failed attempt: retried with backoff while attempts remain, else failed."""
+        """Report a failed attempt: retried with backoff while attempts remain, else failed.
+        The same failure reported again is accepted with ``repeated: True`` (see complete)."""
         m.check_id(task_id)
         text = m.error_text(error)
         events: builtins.list[_Event] = []
+        repeated = False
         with self._granted_lock:
             self._granted.pop(task_id, None)
         with self._write() as conn:
@@ -894,11 +905,12 @@ class TaskQueue:
                 and row["error"] == text
             ):
                 exc = None  # the same holder reporting the same failure again
+                repeated = True
         self._emit(events)
         if exc is not None:
             raise exc
         assert row is not None
-        return status_dict(row)
+        return _repeated(row) if repeated else status_dict(row)
 
     def cancel(self, task_id: str) -> dict[str, Any]:
         """Cancel a pending or claimed task (a holder's later report is refused)."""
