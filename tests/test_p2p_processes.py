@@ -59,12 +59,15 @@ def test_four_workers_race_over_500_tasks(swarm: Swarm) -> None:
     n = 500
     owner = swarm.start("owner", "owner", "--tasks", str(n), "--wait-peers", "2")
     owner.wait_ready()
-    w1 = swarm.start("w1", "worker", "--bootstrap", owner.addr, "--worker-id", "w1")
-    w2 = swarm.start("w2", "worker", "--bootstrap", owner.addr, "--worker-id", "w2")
+    # 20 ms of work per task: without it the two direct workers could drain all 500 tasks
+    # (about 2 s) before the two behind a relay have heard of the owner on gossip.
+    work = ["--work-seconds", "0.02"]
+    w1 = swarm.start("w1", "worker", "--bootstrap", owner.addr, "--worker-id", "w1", *work)
+    w2 = swarm.start("w2", "worker", "--bootstrap", owner.addr, "--worker-id", "w2", *work)
     w1.wait_ready()
     w2.wait_ready()
-    w3 = swarm.start("w3", "worker", "--bootstrap", w1.addr, "--worker-id", "w3")
-    w4 = swarm.start("w4", "worker", "--bootstrap", w2.addr, "--worker-id", "w4")
+    w3 = swarm.start("w3", "worker", "--bootstrap", w1.addr, "--worker-id", "w3", *work)
+    w4 = swarm.start("w4", "worker", "--bootstrap", w2.addr, "--worker-id", "w4", *work)
     workers = [w1, w2, w3, w4]
     owner.wait_event("all_done", timeout=150)
     # The owner has all n results; let the workers print their last "completed" lines
