@@ -22,6 +22,29 @@ M = TypeVar("M", bound=Message)
 MAX_ID_LEN = 512  # task ids, task types, lease ids (the task queue allows 512)
 MAX_LIST_LEN = 64  # tags, requires, capabilities, addrs
 MAX_ITEM_LEN = 256
+# Nesting levels a JSON payload (task data, result, record field) may have. Fixed, and far below
+# Python's recursion limit, so a value accepted once encodes and decodes again in any call
+# stack (a daemon handler, a trio task, a peer); serde_json's default is the same 128.
+MAX_JSON_DEPTH = 128
+
+
+def json_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when ``value`` nests dicts/lists/tuples more than ``limit`` levels (or is circular).
+
+    Iterative, so it cannot itself overflow the stack; it only visits containers' children.
+    """
+    containers = (dict, list, tuple)
+    if not isinstance(value, containers):
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, containers):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def has_unknown_fields(msg: Message) -> bool:
@@ -77,9 +100,13 @@ def encode_json(value: Any) -> bytes:
 def decode_json(data: bytes, what: str) -> Any:
     if not data:
         return None
+    too_deep = f"{what} is JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)"
     try:
-        return json.loads(data.decode("utf-8"))
+        value = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise MalformedMessageError(f"{what} is not UTF-8 JSON: {exc}") from None
     except RecursionError:
-        raise MalformedMessageError(f"{what} is JSON nested too deeply") from None
+        raise MalformedMessageError(too_deep) from None
+    if json_too_deep(value):
+        raise MalformedMessageError(too_deep)
+    return value

@@ -21,6 +21,7 @@ from node.daemon.runner import ensure_token
 from node.daemon.server import ROUTES, STREAM_ROUTES, ControlServer, load_openapi
 from node.daemon.testing import free_port
 from node.services import acquire_services, release_services
+from protocols.codec import MAX_JSON_DEPTH
 
 HELLO_V0 = "QmT78zSuBmuS4z925WZfrqQ1qHaJ56DQaTfyMUF7F8ff5o"
 HELLO_V1 = "bafkreifjjcie6lypi6ny7amxnfftagclbuxndqonfipmb64f2km2devei4"
@@ -312,3 +313,20 @@ def test_hostile_json_bodies_are_400s(served: Served) -> None:
         assert status == 400 and body["error"]["type"] == "InvalidArgumentError", body
     assert served.client.task("c1")["status"] == "pending"  # nothing was claimed
     assert [t["task_id"] for t in served.client.tasks()["tasks"]] == ["c1"]
+
+
+def test_data_at_the_nesting_limit_round_trips(served: Served) -> None:
+    """Stored data re-encodes in the server's deeper stack; one level more is a 400."""
+    auth = {**served.auth(), "Content-Type": "application/json"}
+
+    def nested(depth: int) -> bytes:
+        return b"[" * depth + b"]" * depth
+
+    body = b'{"task_id": "d", "task_type": "x", "data": ' + nested(MAX_JSON_DEPTH) + b"}"
+    status, reply = served.raw("POST", "/v1/tasks", body, auth)
+    assert status == 200, reply
+    assert served.client.task("d")["data"] == json.loads(nested(MAX_JSON_DEPTH))
+    assert served.client.tasks()["tasks"][0]["data"] == json.loads(nested(MAX_JSON_DEPTH))
+    body = b'{"task_id": "e", "task_type": "x", "data": ' + nested(MAX_JSON_DEPTH + 1) + b"}"
+    status, reply = served.raw("POST", "/v1/tasks", body, auth)
+    assert status == 400 and f"more than {MAX_JSON_DEPTH} levels" in reply["error"]["message"]

@@ -130,6 +130,27 @@ def test_json_payloads() -> None:
         codec.decode_json(b"\xff", "result")
     with pytest.raises(MalformedMessageError, match="nested too deeply"):
         codec.decode_json(b"[" * 100_000 + b"]" * 100_000, "result")  # fits in one frame
+    limit = codec.MAX_JSON_DEPTH
+    at_limit = b"[" * limit + b"]" * limit
+    assert codec.decode_json(at_limit, "result") is not None
+    with pytest.raises(MalformedMessageError, match=f"more than {limit} levels"):
+        codec.decode_json(b"[" + at_limit + b"]", "result")  # json.loads copes; we refuse
+
+
+def test_json_depth_walk() -> None:
+    """The check is iterative and exact, counts dicts and tuples too, and stops on cycles."""
+    assert not codec.json_too_deep(5) and not codec.json_too_deep("[[[[")
+    value: object = 0
+    for i in range(codec.MAX_JSON_DEPTH):
+        value = {"k": value} if i % 2 else (value,)
+    assert not codec.json_too_deep(value)
+    assert codec.json_too_deep([value])
+    assert codec.json_too_deep([[1]], limit=1) and not codec.json_too_deep([1], limit=1)
+    loop: list[object] = []
+    loop.append(loop)
+    assert codec.json_too_deep(loop)
+    wide = [[0] * 1000 for _ in range(1000)]
+    assert not codec.json_too_deep(wide)
 
 
 def test_check_request() -> None:

@@ -26,6 +26,7 @@ from node.provenance._records import (
     prepare,
     signing_message,
 )
+from protocols.codec import MAX_JSON_DEPTH
 
 EMPTY_V0 = "QmbFMke1KXqnYyBBWxB74N4c5SBnJMVAiMNRcGu6x1AwQH"
 EMPTY_V1_RAW = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
@@ -121,6 +122,25 @@ def test_values_json_cannot_hold_raise_encoding_error(value: object, message: st
 def test_encoding_error_is_an_invalid_argument() -> None:
     with pytest.raises(InvalidArgumentError):
         prepare("inference", {"model": "m", "data": {"x": math.nan}})
+
+
+def test_field_nesting_limit_is_exact() -> None:
+    """As deep as MAX_JSON_DEPTH is kept; one more level, or a cycle, is a clear error."""
+    def nested(depth: int) -> object:
+        value: object = 1
+        for _ in range(depth):
+            value = [value]
+        return value
+
+    prepare("event", {"x": nested(MAX_JSON_DEPTH)})
+    for bad in (nested(MAX_JSON_DEPTH + 1), nested(5000)):
+        with pytest.raises(EncodingError, match=f"x: value is circular or nested more than "
+                                                 f"{MAX_JSON_DEPTH} levels deep"):
+            prepare("event", {"x": bad})
+    loop: list[object] = []
+    loop.append(loop)
+    with pytest.raises(EncodingError, match="circular"):
+        prepare("event", {"x": loop})
 
 
 def test_reserved_and_invalid_field_names() -> None:

@@ -26,6 +26,7 @@ from node.errors import (
     TaskStateError,
 )
 from node.tasks import QueueBusy, TaskQueue
+from protocols.codec import MAX_JSON_DEPTH
 
 HELLO_CID = "QmT78zSuBmuS4z925WZfrqQ1qHaJ56DQaTfyMUF7F8ff5o"  # "hello world\n" (Kubo)
 
@@ -158,6 +159,25 @@ def test_other_bad_arguments(q: TaskQueue, kwargs: dict[str, Any]) -> None:
     args: dict[str, Any] = {"task_type": "x", "data": {}, **kwargs}
     with pytest.raises(InvalidArgumentError):
         q.submit("t", **args)
+
+
+def test_data_nesting_limit_is_exact(q: TaskQueue) -> None:
+    """Data as deep as the limit is kept and comes back; one level more is refused.
+
+    A fixed limit far below Python's recursion limit, so a stored task encodes again in any
+    call stack (daemon handler, trio task): near-limit data once made the control API 500.
+    """
+    q.submit("deep", "x", _nested(MAX_JSON_DEPTH))
+    assert q.status("deep")["data"] == _nested(MAX_JSON_DEPTH)
+    with pytest.raises(InvalidArgumentError, match=f"more than {MAX_JSON_DEPTH} levels"):
+        q.submit("deeper", "x", _nested(MAX_JSON_DEPTH + 1))
+    grant = q.claim_next("w", [])
+    assert grant is not None and grant["task_id"] == "deep"
+    with pytest.raises(InvalidArgumentError, match="nested"):
+        q.complete("deep", grant["lease_id"], {"r": _nested(MAX_JSON_DEPTH)})
+    assert q.status("deep")["status"] == "claimed"  # the bad result changed nothing
+    q.complete("deep", grant["lease_id"], {"r": _nested(MAX_JSON_DEPTH - 1)})
+    assert q.status("deep")["result"] == {"r": _nested(MAX_JSON_DEPTH - 1)}
 
 
 def test_unknown_ids_raise_not_found(q: TaskQueue) -> None:

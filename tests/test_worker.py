@@ -17,6 +17,7 @@ from node.daemon.testing import free_port
 from node.errors import InvalidArgumentError
 from node.services import acquire_services, release_services
 from node.worker import RECORD_TYPE, TaskContext, TaskFailed, Worker, WorkResult, load_handler
+from protocols.codec import MAX_JSON_DEPTH
 
 HELLO_V0 = "QmT78zSuBmuS4z925WZfrqQ1qHaJ56DQaTfyMUF7F8ff5o"
 
@@ -136,6 +137,20 @@ def test_non_json_output_fails_without_retry(api: NodeAPI, start_worker: Any) ->
     start_worker(lambda task: {"value": float("nan")})
     wait_for(status_is(api, "nj-1", "failed"), what="failure")
     assert "JSON cannot hold" in api.task("nj-1")["error"]
+
+
+def test_too_deep_output_fails_without_retry(api: NodeAPI, start_worker: Any) -> None:
+    def deep(task: dict[str, Any]) -> Any:
+        value: Any = 1
+        for _ in range(MAX_JSON_DEPTH + 1):
+            value = [value]
+        return value
+
+    api.submit("deep-1", "x", {}, max_attempts=3)
+    start_worker(deep)
+    wait_for(status_is(api, "deep-1", "failed"), what="failure")
+    task = api.task("deep-1")
+    assert f"more than {MAX_JSON_DEPTH} levels" in task["error"] and task["attempt"] == 1
 
 
 def test_heartbeats_keep_a_long_task(api: NodeAPI, start_worker: Any) -> None:

@@ -47,6 +47,7 @@ from typing import Any
 from cid import make_cid
 
 from node.errors import EncodingError, InvalidArgumentError, InvalidCIDError
+from protocols.codec import MAX_JSON_DEPTH, json_too_deep
 
 from ._dagjson import cid_for, dumps_wire, encode_str
 
@@ -305,10 +306,13 @@ def prepare(
                 f"field name {key!r} is reserved (reserved: {', '.join(sorted(RESERVED))}); "
                 "pass CIDs as input_cid=/output_cid= and rename other fields"
             )
+        too_deep = f"{key}: value is circular or nested more than {MAX_JSON_DEPTH} levels deep"
         try:
             wire_fields[key] = normalize(value, key)
         except RecursionError:
-            raise EncodingError(f"{key}: value is circular or nested too deeply") from None
+            raise EncodingError(too_deep) from None
+        if json_too_deep(wire_fields[key]):
+            raise EncodingError(too_deep)
     inputs = parse_cids(input_cid, "input_cid")
     outputs = parse_cids(output_cid, "output_cid")
     blocks: list[tuple[str, bytes]] = []

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from node.errors import InvalidArgumentError, InvalidCIDError
+from protocols.codec import MAX_JSON_DEPTH, json_too_deep
 
 PENDING = "pending"
 CLAIMED = "claimed"
@@ -74,6 +75,11 @@ def check_lease_seconds(value: Any) -> float:
 
 def to_json(value: Any, name: str) -> str:
     """Canonical JSON (sorted keys, no NaN): equal values give equal text."""
+    if json_too_deep(value):
+        raise InvalidArgumentError(
+            f"{name} is nested more than {MAX_JSON_DEPTH} levels deep (or is circular); "
+            "flatten it or store it as a file and pass its CID"
+        )
     try:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except RecursionError:

@@ -43,6 +43,7 @@ from node.errors import (
     NotFoundError,
     TaskStateError,
 )
+from protocols.codec import MAX_JSON_DEPTH, json_too_deep
 
 log = logging.getLogger("dsi.worker")
 
@@ -327,6 +328,9 @@ class Worker:
                 output, output_cid = value.output, value.output_cid
             else:
                 output = value
+            if json_too_deep(output):
+                raise TaskFailed(f"handler returned a value nested more than {MAX_JSON_DEPTH} "
+                                 "levels deep (or circular)", retryable=False)
             try:
                 json.dumps(output, allow_nan=False)
             except (TypeError, ValueError, RecursionError) as exc:
