@@ -41,6 +41,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
+from node._bounded import BoundedDict
 from node.config import NodeConfig, build_config
 from node.errors import (
     ConfigError,
@@ -91,6 +92,7 @@ _EVENT_UPDATES = {"claimed", "completed", "failed", "cancelled"}
 _PUBLISH_QUEUE_HIGH_WATER = 8
 _MAX_ANNOUNCE_BACKLOG = 100_000
 _MAX_REMEMBERED_REMOTE = 10_000
+_MAX_PEERS_REMEMBERED = 4096
 
 
 def _cid_or_none(value: Any) -> str | None:
@@ -284,9 +286,6 @@ class OwnerAuthority:
         until = now + self.node.settings.list_hint_seconds
         for d in chosen:
             listed[d["task_id"]] = (worker, until)
-            listed.move_to_end(d["task_id"])
-        while len(listed) > 50_000:
-            listed.popitem(last=False)
         out = []
         for d in chosen:
             offer = self.node._offer_pb(d)
@@ -326,11 +325,12 @@ class Node:
         self.offers = OfferTable(settings.max_remote_offers, settings.remote_offer_ttl)
         self.stats: Counter[str] = Counter()
         self._held: dict[str, HeldLease] = {}
-        self._remote_owner: OrderedDict[str, str] = OrderedDict()
+        self._remote_owner: BoundedDict[str, str] = BoundedDict(_MAX_REMEMBERED_REMOTE)
         # task id -> (kind: "offer" | "claimed" | "final", payload), oldest first
         self._announce_q: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
         self._queued_offers = 0
-        self._published: OrderedDict[str, None] = OrderedDict()  # offers that went out
+        # offers that went out
+        self._published: BoundedDict[str, None] = BoundedDict(_MAX_ANNOUNCE_BACKLOG)
         self._announce_wake = trio.Event()
         self._events: deque[dict[str, Any]] = deque()
         self._events_wake = trio.Event()
@@ -339,19 +339,22 @@ class Node:
         self._closed = False
         self._owner_addrs: list[str] = []
         self._disconnect_wake = trio.Event()
-        self._dial_locks: dict[str, trio.Lock] = {}
-        self._owner_down_until: dict[str, float] = {}
-        self._last_list: dict[str, float] = {}
+        # Per-peer hints, bounded: peers choose how many distinct ids this node hears of.
+        self._dial_locks: BoundedDict[str, trio.Lock] = BoundedDict(_MAX_PEERS_REMEMBERED)
+        self._owner_down_until: BoundedDict[str, float] = BoundedDict(_MAX_PEERS_REMEMBERED)
+        self._last_list: BoundedDict[str, float] = BoundedDict(_MAX_PEERS_REMEMBERED)
         self._recent_caps: tuple[frozenset[str], float] | None = None
         # Owners heard of on gossip (id -> their addrs), so a worker can list their offers
         # even when its table ran dry; bounded, most recent last.
-        self._owners: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        self._owners: BoundedDict[str, tuple[str, ...]] = BoundedDict(1024)
         self._bootstrap: dict[str, bool] = {a: False for a in self.config.bootstrap_peers}
         self._nursery: trio.Nursery | None = None
         self._offer_listeners: list[Callable[[pb.TaskOffer], None]] = []
-        self._offered_at: dict[str, float] = {}  # owner side: when each open task was offered
-        self._listed_to: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (peer, until)
-        self._list_was_full: dict[str, bool] = {}
+        # owner side: when each open task was offered
+        self._offered_at: BoundedDict[str, float] = BoundedDict(_MAX_ANNOUNCE_BACKLOG)
+        # owner side: task id -> (worker it was last listed to, until when)
+        self._listed_to: BoundedDict[str, tuple[str, float]] = BoundedDict(50_000)
+        self._list_was_full: BoundedDict[str, bool] = BoundedDict(_MAX_PEERS_REMEMBERED)
         self._local_work_hint = True
         self._local_peeked_at = -math.inf
 
@@ -730,8 +733,6 @@ class Node:
         offer = self._offer_pb(d)
         if offer is not None:
             self._enqueue(offer.task_id, announce.encode_offer(offer), kind="offer")
-            if len(self._offered_at) > _MAX_ANNOUNCE_BACKLOG:
-                self._offered_at.clear()
             self._offered_at[offer.task_id] = trio.current_time()
 
     def _enqueue(self, task_id: str, payload: bytes, *, kind: str) -> None:
@@ -788,8 +789,6 @@ class Node:
                 continue
             if kind == "offer":
                 self._published[tid] = None
-                while len(self._published) > _MAX_ANNOUNCE_BACKLOG:
-                    self._published.popitem(last=False)
             elif kind == "final":
                 self._published.pop(tid, None)
 
@@ -880,9 +879,6 @@ class Node:
         if owner == self.peer_id:
             return
         self._owners[owner] = tuple(offer.owner_addrs)
-        self._owners.move_to_end(owner)
-        while len(self._owners) > 1024:
-            self._owners.popitem(last=False)
 
     def _owner_usable(self, owner: str, now: float) -> bool:
         return self.is_allowed(owner) and self._owner_down_until.get(owner, 0.0) <= now
@@ -1130,9 +1126,6 @@ class Node:
 
     def _remember_owner(self, task_id: str, owner: str) -> None:
         self._remote_owner[task_id] = owner
-        self._remote_owner.move_to_end(task_id)
-        while len(self._remote_owner) > _MAX_REMEMBERED_REMOTE:
-            self._remote_owner.popitem(last=False)
 
     async def _renew(self, held: HeldLease) -> None:
         """Keep a held remote lease alive until complete/fail (cancelled through held.scope)."""

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from node._bounded import BoundedDict
 from node.tasks import TAG_GPU_PREFERRED, is_gpu_worker
 from protocols.pb import task_pb2 as pb
 
@@ -74,8 +74,8 @@ class OfferTable:
     def __init__(self, max_size: int = 10_000, ttl: float = 300.0) -> None:
         self.max_size = max_size
         self.ttl = ttl
-        self._offers: OrderedDict[str, RemoteOffer] = OrderedDict()
-        self._tombstones: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._offers: BoundedDict[str, RemoteOffer] = BoundedDict(max_size)
+        self._tombstones: BoundedDict[str, tuple[int, int]] = BoundedDict(max_size)
 
     def __len__(self) -> int:
         return len(self._offers)
@@ -99,9 +99,6 @@ class OfferTable:
             else:
                 del self._tombstones[tid]
         self._offers[tid] = RemoteOffer(offer, now, listed=authoritative)
-        self._offers.move_to_end(tid)
-        while len(self._offers) > self.max_size:
-            self._offers.popitem(last=False)
         return True
 
     def apply_update(self, update: pb.TaskUpdate) -> None:
@@ -116,9 +113,6 @@ class OfferTable:
         ):
             del self._offers[tid]
         self._tombstones[tid] = (update.state, update.attempt)
-        self._tombstones.move_to_end(tid)
-        while len(self._tombstones) > self.max_size:
-            self._tombstones.popitem(last=False)
 
     def remove(self, task_id: str) -> None:
         self._offers.pop(task_id, None)

@@ -69,7 +69,6 @@ Listeners
 from __future__ import annotations
 
 import builtins
-import collections
 import logging
 import secrets
 import sqlite3
@@ -80,6 +79,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from node._bounded import BoundedDict
 from node._sqlite import Checkpointer
 from node._writer_lock import WriterLock
 from node.errors import (
@@ -185,7 +185,7 @@ class TaskQueue:
         # read before taking the writer lock. With several processes on one file every read
         # after another process's commit starts from a cold page cache (SQLite drops it), so
         # each read saved is a handful of page loads. Only a hint: the fenced UPDATE decides.
-        self._granted: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self._granted: BoundedDict[str, dict[str, Any]] = BoundedDict(_GRANTED_MAX)
         self._granted_lock = threading.Lock()
 
     # ------------------------------------------------------------------ plumbing
@@ -294,10 +294,7 @@ class TaskQueue:
 
     def _remember_grant(self, row: dict[str, Any]) -> None:
         with self._granted_lock:
-            granted = self._granted
-            granted[row["task_id"]] = row
-            if len(granted) > _GRANTED_MAX:  # leases nobody finished through this object
-                granted.popitem(last=False)
+            self._granted[row["task_id"]] = row  # bounded: leases nobody finishes here
 
     def _granted_row(
         self, conn: sqlite3.Connection, task_id: str, lease_id: Any
