@@ -177,12 +177,16 @@ def raw_cycles(db: Path, cycles: int, first: int) -> dict[str, list[float]]:
 
 
 # ---------------------------------------------------------------------------- processes
-def _drain(db: str, worker_id: str, start_at: float, out: mp.Queue) -> None:
+def _drain(
+    db: str, worker_id: str, start_at: float, out: mp.Queue, work_s: float = 0.0
+) -> None:
     q = TaskQueue(db)
     while time.time() < start_at:
         time.sleep(0.0005)
     done = 0
     while (grant := q.claim_next(worker_id, [])) is not None:
+        if work_s:
+            time.sleep(work_s)  # the task's work: waiting on an accelerator, say
         q.complete(grant["task_id"], grant["lease_id"], {"ok": True})
         done += 1
     out.put((done, time.time()))
@@ -256,7 +260,8 @@ def lock_share(template: Path, workdir: Path) -> float:
 
 
 def drain_rate(
-    templates: list[Path], workdir: Path, n_procs: int, tag: str, target: Any = _drain
+    templates: list[Path], workdir: Path, n_procs: int, tag: str, target: Any = _drain,
+    work_s: float = 0.0,
 ) -> float:
     """Tasks/s of ``n_procs`` claim -> complete workers; worker k drains a copy of
     ``templates[k % len(templates)]`` (one template: every worker shares one file)."""
@@ -269,7 +274,8 @@ def drain_rate(
     out: mp.Queue = ctx.Queue()
     start_at = time.time() + 1.0 + 0.25 * n_procs  # every interpreter up before the start
     procs = [
-        ctx.Process(target=target, args=(str(dbs[k % len(dbs)]), f"w{k}", start_at, out))
+        ctx.Process(target=target, args=(str(dbs[k % len(dbs)]), f"w{k}", start_at, out)
+                    + ((work_s,) if work_s else ()))
         for k in range(n_procs)
     ]
     for p in procs:
@@ -292,6 +298,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--mp-tasks", type=int, default=12_000)
     ap.add_argument("--mp-rounds", type=int, default=3)
+    ap.add_argument("--work-ms", type=float, default=2.0,
+                    help="also measure workers whose tasks take this long (0: skip)")
+    ap.add_argument("--work-tasks", type=int, default=2_000)
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-tasks-"))
@@ -384,6 +393,22 @@ def main() -> None:
         print(f"ratio {args.workers} shared / 1: {many / one:.2f}x (target >= 1.5x); "
               f"{args.workers} private / 1: {priv / one:.2f}x; "
               f"shared / private: {many / priv:.2f}; raw SQLite {n} / 1: {raw_many / raw_one:.2f}x")
+        if args.work_ms > 0:
+            # The same, with tasks that take time, as real ones do: past the queue's own
+            # capacity above, workers only add up when the queue is not what they wait on.
+            work_template = work / "mp-work.sqlite"
+            fill(work_template, args.work_tasks, prefix="wk")
+            checkpoint(work_template)
+            w_ones, w_manys = [], []
+            for r in range(args.mp_rounds):
+                w_ones.append(drain_rate([work_template], work, 1, f"w1-{r}",
+                                         work_s=args.work_ms / 1000))
+                w_manys.append(drain_rate([work_template], work, n, f"wn-{r}",
+                                          work_s=args.work_ms / 1000))
+            w_one, w_many = statistics.median(w_ones), statistics.median(w_manys)
+            print(f"with {args.work_ms:g} ms of work per task ({args.work_tasks:,} tasks): "
+                  f"1 process {w_one:,.0f} tasks/s ({rounds(w_ones)}), {n} processes "
+                  f"{w_many:,.0f} tasks/s ({rounds(w_manys)}): {w_many / w_one:.2f}x")
         share = lock_share(template, work)
         print(f"writer lock held {share:.0%} of a single worker's time -> speed-up bound "
               f"{min(1 / share, os.cpu_count() or 1):.2f}x on {os.cpu_count()} cores")
