@@ -637,11 +637,19 @@ def cmd_submit(ctx: Ctx) -> int:
 def cmd_tasks(ctx: Ctx) -> int:
     info = ctx.ops().tasks(state=ctx.args.state, limit=ctx.args.limit)
     tasks = info.get("tasks") or []
-    ctx.out(info, lambda: _table(
-        [(t["task_id"], t["status"], t["task_type"], t["priority"], t["attempt"],
-          t.get("worker_id") or "", _when(t.get("updated_at"))) for t in tasks],
-        ("ID", "STATE", "TYPE", "PRI", "ATTEMPT", "WORKER", "UPDATED"))
-        if tasks else "no tasks" + (f" in state {ctx.args.state}" if ctx.args.state else ""))
+
+    def human() -> str:
+        if not tasks:
+            return "no tasks" + (f" in state {ctx.args.state}" if ctx.args.state else "")
+        table = _table(
+            [(t["task_id"], t["status"], t["task_type"], t["priority"], t["attempt"],
+              t.get("worker_id") or "", _when(t.get("updated_at"))) for t in tasks],
+            ("ID", "STATE", "TYPE", "PRI", "ATTEMPT", "WORKER", "UPDATED"))
+        if len(tasks) >= ctx.args.limit:
+            table += f"\n(the first {len(tasks)}; there may be more: --limit N shows N)"
+        return table
+
+    ctx.out(info, human)
     return 0
 
 
@@ -658,7 +666,8 @@ def cmd_task(ctx: Ctx) -> int:
         for key in ("submitted_at", "claimed_at", "completed_at", "updated_at"):
             if st.get(key):
                 lines.append(f"{key:<13}{_when(st[key])}")
-        lines.append(f"{'data':<13}{_short(st.get('data'), 200)}")
+        if "data" in st:  # a remote task's status has none: the owner keeps it
+            lines.append(f"{'data':<13}{_short(st['data'], 200)}")
         if st.get("result") is not None:
             lines.append("result")
             lines += ["  " + line for line in json.dumps(st["result"], indent=2).splitlines()]

@@ -122,7 +122,9 @@ def test_tasks_submit_list_show_cancel(mode: Mode, tmp_path: Path) -> None:
     listed = mode.json("tasks", "--state", "pending")["tasks"]
     assert {f"t-{mode.name}", f"f-{mode.name}"} <= {t["task_id"] for t in listed}
     table = mode.run("tasks").stdout.splitlines()
-    assert table[0].split()[:3] == ["ID", "STATE", "TYPE"]
+    assert table[0].split()[:3] == ["ID", "STATE", "TYPE"] and "--limit" not in table[-1]
+    cut = mode.run("tasks", "--limit", "1").stdout.splitlines()
+    assert len(cut) == 3 and cut[-1] == "(the first 1; there may be more: --limit N shows N)"
     one = mode.json("task", f"t-{mode.name}")
     assert one["data"] == {"model": "bert", "batch_size": 32}
     assert "status       pending" in mode.run("task", f"t-{mode.name}").stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,11 @@ async def test_line_claim_through_gossip_relay(tmp_path: Path) -> None:
         )
         await wait_for(lambda: "infer-001" in c.offers, what="offer relayed to C")
         assert a.peer_id not in c.connected_peers()  # heard through B, not directly
+        heard = await b.get_task_status("infer-001")  # asked from A; the offer fills in
+        assert heard["status"] == "pending" and heard["remote"] is True
+        assert heard["owner"] == a.peer_id and heard["task_type"] == "inference"
+        assert heard["priority"] == 8 and sorted(heard["tags"]) == ["GPU_PREFERRED", "P2P_ELIGIBLE"]
+        assert "data" not in heard  # the owner keeps it; the wire's TaskStatus has none
 
         task = await c.get_next_task("worker-001", ["GPU", "CUDA"])
         assert task is not None
@@ -140,6 +146,25 @@ async def test_bootstrap_peer_redialled_after_drop(tmp_path: Path) -> None:
         await wait_for(lambda: a.peer_id in b.mesh_peers(), what="back in the mesh")
         status = await b.status()
         assert status["bootstrap_peers"] == [{"addr": a.listen_addrs()[0], "connected": True}]
+
+
+async def test_an_owner_that_stops_answering_is_reported_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with start_nodes(tmp_path, [[]]) as (a,):
+        with caplog.at_level(logging.INFO, logger="dsi.p2p"):
+            for _ in range(3):
+                a._owner_unreachable("12D3KooWgone", "listing its offers", OSError("refused"))
+            a._owner_answered("12D3KooWgone")
+            a._owner_answered("12D3KooWgone")
+            a._owner_unreachable("12D3KooWgone", "claiming t1", TimeoutError())
+        lines = [r.getMessage() for r in caplog.records
+                 if "12D3KooWgone" in r.getMessage() and r.levelno >= logging.INFO]
+        assert len(lines) == 3, lines
+        assert "does not answer (listing its offers: refused)" in lines[0]
+        assert lines[1].endswith("answers again")
+        assert "does not answer (claiming t1: TimeoutError)" in lines[2]
+        assert "12D3KooWgone" in a._excluded_owners()
 
 
 async def test_list_request_recovers_offers(tmp_path: Path) -> None:

@@ -333,3 +333,42 @@ async def test_streams_and_connections_use_hot_path_locks(tmp_path: Path) -> Non
                 for k in range(40):
                     nursery.start_soon(one, k)
         assert sorted(answers) == sorted(b"%d" % k for k in range(40))
+
+
+def test_libp2p_errors_reach_the_applications_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """py-libp2p detaches its loggers on import, so its errors reached stderr bare; after
+    quiet_libp2p_logging they go through the handlers on the root logger (as the daemon's),
+    while its chatter - even from modules that set their own INFO level - and dial failures,
+    which dsi reports itself, stay out."""
+    import logging
+
+    from node.p2p._host import _ToApplicationHandlers, quiet_libp2p_logging
+
+    monkeypatch.delenv("LIBP2P_DEBUG", raising=False)
+    lib = logging.getLogger("libp2p")
+    tcp = logging.getLogger("libp2p.transport.tcp.tcp")
+    chatty = logging.getLogger("libp2p.network.auto_connector")
+    for logger in (lib, tcp, chatty):
+        monkeypatch.setattr(logger, "level", logger.level)  # restored after the test
+    monkeypatch.setattr(lib, "handlers", [])
+    monkeypatch.setattr(lib, "propagate", False)  # as py-libp2p leaves it
+    chatty.setLevel(logging.INFO)  # as py-libp2p's auto-connector does on import
+    seen: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(f"{record.name}: {record.getMessage()}")
+
+    quiet_libp2p_logging()
+    quiet_libp2p_logging()  # idempotent: one handler
+    assert sum(isinstance(h, _ToApplicationHandlers) for h in lib.handlers) == 1
+    catch = Catch()
+    logging.getLogger().addHandler(catch)
+    try:
+        logging.getLogger("libp2p.network.swarm").error("swarm broke")
+        logging.getLogger("libp2p.network.swarm").warning("peer churn")
+        chatty.info("initiating 200 new dials")
+        tcp.error("Failed to open TCP stream: refused")
+    finally:
+        logging.getLogger().removeHandler(catch)
+    assert seen == ["libp2p.network.swarm: swarm broke"]

@@ -43,11 +43,36 @@ from node.p2p._libp2p_fixes import DsiGossipSub
 MESHSUB_PROTOCOLS = (PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID)
 
 
+class _ToApplicationHandlers(logging.Handler):
+    """Passes py-libp2p's errors to the handlers the application set on the root logger.
+
+    py-libp2p detaches its loggers on import (``propagate = False``, no handler), so its errors
+    used to reach stderr bare through logging's last-resort handler. Propagating instead would
+    also let through the INFO chatter of the modules that set their own level (the swarm's
+    auto-connector), so this handler applies the ERROR threshold to every libp2p record.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        handlers = logging.getLogger().handlers or [logging.lastResort]
+        for handler in handlers:
+            if handler is not None and record.levelno >= handler.level:
+                handler.handle(record)
+
+
 def quiet_libp2p_logging() -> None:
-    """py-libp2p logs routine peer churn at WARNING; keep it out of users' stderr unless they
-    asked for it with LIBP2P_DEBUG."""
-    if not os.environ.get("LIBP2P_DEBUG"):
-        logging.getLogger("libp2p").setLevel(logging.ERROR)
+    """py-libp2p's errors, formatted like the application's logs; its churn and dial failures
+    (which reach dsi as exceptions, reported once per owner back-off) left out. LIBP2P_DEBUG
+    keeps py-libp2p's own logging set-up instead."""
+    if os.environ.get("LIBP2P_DEBUG"):
+        return
+    lib = logging.getLogger("libp2p")
+    lib.setLevel(logging.ERROR)
+    if not any(isinstance(h, _ToApplicationHandlers) for h in lib.handlers):
+        lib.addHandler(_ToApplicationHandlers())
+    logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
 
 
 def key_pair_of(identity: Identity) -> KeyPair:

@@ -343,6 +343,7 @@ class Node:
         self._dial_locks: BoundedDict[str, trio.Lock] = BoundedDict(_MAX_PEERS_REMEMBERED)
         self._owner_down_until: BoundedDict[str, float] = BoundedDict(_MAX_PEERS_REMEMBERED)
         self._last_list: BoundedDict[str, float] = BoundedDict(_MAX_PEERS_REMEMBERED)
+        self._owners_silent: BoundedDict[str, None] = BoundedDict(_MAX_PEERS_REMEMBERED)
         self._recent_caps: tuple[frozenset[str], float] | None = None
         # Owners heard of on gossip (id -> their addrs), so a worker can list their offers
         # even when its table ran dry; bounded, most recent last.
@@ -880,6 +881,22 @@ class Node:
             return
         self._owners[owner] = tuple(offer.owner_addrs)
 
+    def _owner_unreachable(self, owner: str, doing: str, exc: BaseException) -> None:
+        """Back off from an owner that did not answer. Said at INFO when it stops answering,
+        then at DEBUG on each retry until it answers again (a gone peer is not news)."""
+        why = exc if str(exc) else type(exc).__name__
+        if owner in self._owners_silent:
+            log.debug("owner %s still does not answer (%s: %s)", owner, doing, why)
+        else:
+            self._owners_silent[owner] = None
+            log.info("owner %s does not answer (%s: %s); retrying every %g s while its offers "
+                     "last", owner, doing, why, self.settings.owner_backoff)
+        self._owner_down_until[owner] = trio.current_time() + self.settings.owner_backoff
+
+    def _owner_answered(self, owner: str) -> None:
+        if self._owners_silent.pop(owner, False) is None:
+            log.info("owner %s answers again", owner)
+
     def _owner_usable(self, owner: str, now: float) -> bool:
         return self.is_allowed(owner) and self._owner_down_until.get(owner, 0.0) <= now
 
@@ -927,10 +944,10 @@ class Node:
                 log.debug("owner %s refused a list: %s", owner, exc)
                 return
             except Exception as exc:
-                log.debug("listing offers of %s failed: %r", owner, exc)
-                self._owner_down_until[owner] = trio.current_time() + self.settings.owner_backoff
+                self._owner_unreachable(owner, "listing its offers", exc)
                 return
             answered += 1
+            self._owner_answered(owner)
             self.stats["lists"] += 1
             self._list_was_full[owner] = len(listed) >= self.settings.list_limit
             # The owner's answer replaces what we believed about its offers for these
@@ -1077,9 +1094,9 @@ class Node:
             return None
         except (Exception, trio.TooSlowError) as exc:
             self.stats["claim_unreachable"] += 1
-            log.debug("claim of %s from %s failed: %r", offer.task_id, owner, exc)
-            self._owner_down_until[owner] = trio.current_time() + self.settings.owner_backoff
+            self._owner_unreachable(owner, f"claiming {offer.task_id}", exc)
             return None
+        self._owner_answered(owner)
         now = time.time()
         expires = grant.lease_expires_at_ms / 1000
         # The grant carries an absolute expiry on the owner's clock (clocks are assumed
@@ -1330,7 +1347,7 @@ class Node:
             result = decode_json(st.result, "status.result")
         except ProtocolError:
             result = None
-        return {
+        out: dict[str, Any] = {
             "task_id": st.task_id,
             "status": PB_TO_STATE.get(st.state, "pending"),
             "attempt": st.attempt,
@@ -1341,6 +1358,13 @@ class Node:
             "owner": owner,
             "remote": True,
         }
+        # The wire's TaskStatus carries only the state; what the offer said fills in the rest.
+        ro = self.offers.get(task_id)
+        if ro is not None and ro.owner == owner:
+            o = ro.offer
+            out.update(task_type=o.task_type, priority=o.priority, tags=list(o.tags),
+                       requires=list(o.requires), submitted_at=o.submitted_at_ms / 1000)
+        return out
 
     async def submit_task(self, **kwargs: Any) -> dict[str, Any]:
         """``TaskQueue.submit`` through ``queue_call`` (the listener announces P2P tasks)."""
