@@ -7,7 +7,8 @@ so only ratios are comparable between runs):
 * ``sha256``: hashlib.sha256 over the same bytes, read from the same (cached) file, one thread
   -- the limit the issue sets (targets: add >= 0.4x, get >= 0.8x);
 * ``aleph-cid``: the Rust CID hasher over the same file (computing the CID only, no storage);
-* ``disk``: sequential write + fsync of 64 MiB, the bound for a durable add;
+* ``disk``: sequential write + fsync of the same number of bytes into one file, each round:
+  the bound for a durable add, which writes those bytes durably and must also read and hash;
 * ``page-cache write``: pwrite of the same size into a new file, which every get_file must do
   (on a 2-core VM this alone runs at about half the sha256 rate).
 
@@ -19,6 +20,11 @@ get_file swung between 0.4x and 1.2x sha256 with the same code (interleaved runs
 scratch file bigger than any round holds at once (``--warm-mib``; 0 skips it), so every step
 writes into reused pages, as on a machine that has been running a while; that first write's
 speed is printed: the cost a freshly booted VM adds to any write.
+
+This VM also runs the kernel's proactive reclaim (DAMON, ``kdamond``: a ``pageout`` scheme for
+memory idle a few seconds, up to 128 MiB/s), so how much the warm-up helps fades within minutes
+and varies by the hour: get_file ran at 1.05-1.19x sha256 in one hour and 0.48-0.75x in the
+next with the same code (an interleaved A/B of two commits gave the same in each hour).
 
 Stores are kept until the end of the run, not deleted after each round. On ext4 without a journal
 (this VM's root filesystem) the inode allocator skips inodes freed in the last ~30 s
@@ -96,8 +102,9 @@ def aleph_file(path: Path) -> float | None:
     return time.perf_counter() - t
 
 
-def disk_fsync(dirpath: Path, size: int = 64 * MiB) -> float:
-    """Sequential write + fsync, MB/s: what a durable add cannot beat."""
+def disk_fsync(dirpath: Path, size: int) -> float:
+    """Seconds for a sequential write + fsync of ``size`` bytes: what a durable add of a file
+    that size cannot beat (it writes the same bytes, durably, and must also read and hash)."""
     p = dirpath / "disk-probe"
     block = os.urandom(MiB)
     t = time.perf_counter()
@@ -108,7 +115,7 @@ def disk_fsync(dirpath: Path, size: int = 64 * MiB) -> float:
     os.close(fd)
     dt = time.perf_counter() - t
     p.unlink()
-    return size / 1e6 / dt
+    return dt
 
 
 def warm_page_allocator(dirpath: Path, size: int) -> float:
@@ -177,7 +184,6 @@ def main() -> int:
             1024, (2 * args.rounds + 1) * args.size_mib
         )
         fresh = warm_page_allocator(work, warm_mib * MiB) if warm_mib else None
-        disk = disk_fsync(work)
         for r in range(args.rounds):  # interleaved, so a busy moment hits every row alike
             _, wall, cpu_s = timed(lambda: sha256_file(src))
             keep("sha256", wall, cpu_s)
@@ -185,6 +191,8 @@ def main() -> int:
             if t_aleph is not None:
                 keep("aleph", t_aleph)
             keep("write", page_cache_write(work, size))
+            os.sync()
+            keep("disk", disk_fsync(work, size))
             for label, fsync in (("add (durable)", True), ("add (no fsync)", False)):
                 store_dir = work / f"blocks-{r}-{int(fsync)}"  # kept: see the module docs
                 store = LocalBlockStore(store_dir, fsync=fsync)
@@ -210,7 +218,8 @@ def main() -> int:
         print(f"{'reference page-cache write':30s} {mb / best['write']:7.0f} MB/s")
         if fresh is not None:
             print(f"{'page-cache write, fresh pages':30s} {fresh:7.0f} MB/s  (the warm-up)")
-        print(f"{'reference disk write+fsync':30s} {disk:7.0f} MB/s")
+        print(f"{'reference disk write+fsync':30s} {mb / best['disk']:7.0f} MB/s  "
+              f"{t_sha / best['disk']:5.2f}x sha256  (the same bytes, one file)")
         for label in ("add (durable)", "add (no fsync)", "get_file"):
             dt = best[label]
             line = f"{label:30s} {mb / dt:7.0f} MB/s  {t_sha / dt:5.2f}x sha256"
@@ -218,6 +227,8 @@ def main() -> int:
                 line += f"  {best['aleph'] / dt:5.2f}x aleph-cid"
             if label == "get_file":
                 line += f"  {best['write'] / dt:5.2f}x page-cache write"
+            if label == "add (durable)":
+                line += f"  {best['disk'] / dt:5.2f}x disk write+fsync"
             line += f"  | CPU {cpu['sha256'] / cpu[label]:4.2f}x sha256's"
             print(line)
         print(f"{'peak RSS':30s} {rss:7.1f} MiB")
