@@ -302,6 +302,27 @@ def test_malformed_content_length_is_a_400(served: Served, path: str, length: st
     assert served.client.pin_ls()["pins"] == []
 
 
+def test_keep_alive_clients_get_answers_without_a_delayed_ack_stall(served: Served) -> None:
+    """A persistent connection (Go's http.Client, requests.Session, curl) serves request after
+    request. With Nagle's algorithm on the server socket each answer waited for the client's
+    delayed ACK (~40 ms): 50 requests took >= 2 s. The bound here is far above a working
+    server's time (~50 ms) and below the stall's floor."""
+    import time
+
+    conn = http.client.HTTPConnection("127.0.0.1", served.server.port, timeout=30)
+    try:
+        started = time.monotonic()
+        for _ in range(50):
+            conn.request("GET", "/v1/health", headers=served.auth())
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["ok"] is True
+            assert resp.getheader("Connection") != "close"
+        elapsed = time.monotonic() - started
+    finally:
+        conn.close()
+    assert elapsed < 1.5, f"50 keep-alive requests took {elapsed:.2f} s"
+
+
 def test_hostile_json_bodies_are_400s(served: Served) -> None:
     auth = {**served.auth(), "Content-Type": "application/json"}
     deep = b'{"task_id": "t", "task_type": "x", "data": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"

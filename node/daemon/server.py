@@ -229,6 +229,10 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     # An idle keep-alive connection gives its pool thread back after this many seconds
     # (long-poll claims wait server-side, they are not idle).
     timeout = 15
+    # Headers and body leave in two writes; with Nagle on, the second waits for the client's
+    # delayed ACK, and a keep-alive client (Go's http.Client, requests.Session) got 23 requests
+    # per second instead of ~2,000.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.client_address[0], *args)
