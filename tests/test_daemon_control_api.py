@@ -323,6 +323,58 @@ def test_keep_alive_clients_get_answers_without_a_delayed_ack_stall(served: Serv
     assert elapsed < 1.5, f"50 keep-alive requests took {elapsed:.2f} s"
 
 
+def test_idle_keep_alive_connections_hold_no_thread(tmp_path: Path) -> None:
+    """More idle keep-alive clients than the pool has threads: a new client is still served
+    at once, each parked client can send again, and an idle one is closed after the timeout."""
+    import time
+
+    served = Served(tmp_path)
+    served.server.stop()  # a server with a 4-thread pool and a 1 s idle timeout instead
+    small = ControlServer("127.0.0.1", 0, served.api, served.token, max_threads=4,
+                          idle_timeout=1)
+    small.start()
+    clients = [http.client.HTTPConnection("127.0.0.1", small.port, timeout=10)
+               for _ in range(12)]
+    try:
+        for conn in clients:  # each keeps its connection open, idle, after one answer
+            conn.request("GET", "/v1/health", headers=served.auth())
+            assert conn.getresponse().read()
+        other = http.client.HTTPConnection("127.0.0.1", small.port, timeout=5)
+        other.request("GET", "/v1/health", headers=served.auth())
+        assert json.loads(other.getresponse().read())["ok"] is True
+        other.close()
+        for conn in clients[:6]:  # parked connections serve their next request
+            conn.request("GET", "/v1/health", headers=served.auth())
+            assert json.loads(conn.getresponse().read())["ok"] is True
+        quiet = http.client.HTTPConnection("127.0.0.1", small.port, timeout=10)
+        quiet.request("GET", "/v1/health", headers=served.auth())
+        assert quiet.getresponse().read()
+        assert quiet.sock is not None
+        time.sleep(3.5)  # > the idle timeout plus the watcher's 1 s tick
+        assert quiet.sock.recv(1) == b""  # closed by the server
+        quiet.close()
+    finally:
+        for conn in clients:
+            conn.close()
+        small.stop()
+        release_services(served.services)
+
+
+def test_pipelined_requests_are_all_answered(served: Served) -> None:
+    """Two requests in one write: the second sits in the reader's buffer, not in the socket."""
+    import socket
+
+    request = (b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+               + served.token.encode() + b"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", served.server.port), timeout=10) as sock:
+        sock.sendall(request * 2)
+        reply = b""
+        while reply.count(b"HTTP/1.1 200") < 2:
+            chunk = sock.recv(65536)
+            assert chunk, reply
+            reply += chunk
+
+
 def test_hostile_json_bodies_are_400s(served: Served) -> None:
     auth = {**served.auth(), "Content-Type": "application/json"}
     deep = b'{"task_id": "t", "task_type": "x", "data": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"

@@ -15,14 +15,18 @@ defeats DNS-rebinding pages in a browser. No CORS headers are ever sent.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import http.server
 import inspect
 import json
 import logging
 import re
+import select
+import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -35,6 +39,8 @@ from node.daemon.api import NodeAPI
 log = logging.getLogger("dsi.control")
 
 MAX_JSON_BODY = 16 << 20
+# How long a thread waits for a keep-alive connection's next request before parking it.
+_LINGER_MS = 20
 _LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 # HTTP status of each error class; the most specific class in the MRO wins.
@@ -166,22 +172,35 @@ _FILE_GET = re.compile(r"/v1/files/(?P<cid>[^/]+)\Z")
 
 
 class ControlServer(http.server.HTTPServer):
-    """``HTTPServer`` whose connections are handled by a bounded thread pool.
+    """``HTTPServer`` whose requests are handled by a bounded thread pool.
 
     A pool rather than ``ThreadingHTTPServer``'s thread per connection: the services keep
     per-thread SQLite connections, so long-lived threads reuse them instead of opening one
-    per request, and a flood of connections cannot create unbounded threads.
+    per request, and a flood of connections cannot create unbounded threads. A thread serves
+    one request, not a connection: between requests a keep-alive connection is parked with the
+    idle watcher (a selector), so idle clients hold no thread and cannot starve the pool; it is
+    closed after ``idle_timeout`` seconds without a request.
     """
 
     allow_reuse_address = True
 
     def __init__(self, host: str, port: int, api: NodeAPI, token: str,
-                 max_threads: int = 64) -> None:
+                 max_threads: int = 64, max_idle: int = 1024,
+                 idle_timeout: float = 15.0) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.api = api
         self.token = token
         self.openapi = load_openapi()
         self._pool = ThreadPoolExecutor(max_threads, thread_name_prefix="dsi-control")
+        self._max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self._idle = selectors.DefaultSelector()
+        self._idle_since: dict[socket.socket, float] = {}
+        self._idle_lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._idle.register(self._wake_r, selectors.EVENT_READ, None)
+        self._closing = False
         super().__init__((host, port), _RequestHandler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -189,18 +208,88 @@ class ControlServer(http.server.HTTPServer):
 
     def _process(self, request: Any, client_address: Any) -> None:
         try:
-            self.finish_request(request, client_address)
+            waiting = select.poll()
+            waiting.register(request, select.POLLIN)
+            while True:
+                handler = self.RequestHandlerClass(request, client_address, self)
+                if handler.close_connection or self._closing:
+                    break
+                # A client that sends its next request at once (a worker's claim after a
+                # complete) is served by this thread; a quiet one is parked.
+                if not waiting.poll(_LINGER_MS):
+                    self._park(request, client_address)
+                    return
         except Exception:
             self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
+        self.shutdown_request(request)
+
+    def _park(self, request: socket.socket, client_address: Any) -> None:
+        with self._idle_lock:
+            if self._closing or len(self._idle_since) >= self._max_idle:
+                self.shutdown_request(request)
+                return
+            self._idle_since[request] = time.monotonic()
+            self._idle.register(request, selectors.EVENT_READ, client_address)
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")  # portable: not every selector sees new fds mid-select
+
+    def _watch_idle(self) -> None:
+        """Hand parked connections back to the pool when a request arrives; close stale ones."""
+        while not self._closing:
+            ready = self._idle.select(timeout=1.0)
+            resumed = []
+            with self._idle_lock:
+                for key, _ in ready:
+                    if key.fileobj is self._wake_r:
+                        while True:
+                            try:
+                                if not self._wake_r.recv(4096):
+                                    break
+                            except BlockingIOError:
+                                break
+                        continue
+                    sock = key.fileobj
+                    self._idle.unregister(sock)
+                    del self._idle_since[sock]  # type: ignore[arg-type]
+                    resumed.append((sock, key.data))
+                now = time.monotonic()
+                stale = [s for s, t in self._idle_since.items() if now - t > self.idle_timeout]
+                for sock in stale:
+                    self._idle.unregister(sock)
+                    del self._idle_since[sock]
+            for sock, address in resumed:
+                # Readable: a request, or the client closed (the handler then sees EOF).
+                try:
+                    self._pool.submit(self._process, sock, address)
+                except RuntimeError:  # the pool is shut down: the server is closing
+                    self.shutdown_request(sock)
+            for sock in stale:
+                self.shutdown_request(sock)
+        with self._idle_lock:
+            self._close_parked()
+            self._idle.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _close_parked(self) -> None:
+        """Close every parked connection (the caller holds ``_idle_lock``)."""
+        for sock in list(self._idle_since):
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._idle.unregister(sock)
+            self.shutdown_request(sock)
+        self._idle_since.clear()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("control API connection from %s failed", client_address, exc_info=True)
 
     def server_close(self) -> None:
+        self._closing = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
         super().server_close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._idle_lock:
+            self._close_parked()
 
     @property
     def port(self) -> int:
@@ -212,6 +301,7 @@ class ControlServer(http.server.HTTPServer):
         return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     def start(self) -> threading.Thread:
+        threading.Thread(target=self._watch_idle, name="dsi-control-idle", daemon=True).start()
         thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
                                   name="dsi-control-api", daemon=True)
         thread.start()
@@ -233,6 +323,27 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     # delayed ACK, and a keep-alive client (Go's http.Client, requests.Session) got 23 requests
     # per second instead of ~2,000.
     disable_nagle_algorithm = True
+
+    def handle(self) -> None:
+        """One request, then back to the server, which parks a keep-alive connection idle.
+
+        A client that pipelines (sends the next request before reading this answer) may have
+        it buffered in ``rfile`` already; that one is served here, since a buffer is invisible
+        to the idle watcher's selector.
+        """
+        self.handle_one_request()
+        while not self.close_connection and self._pipelined():
+            self.handle_one_request()
+
+    def _pipelined(self) -> bool:
+        sock = self.connection
+        sock.setblocking(False)
+        try:
+            return bool(self.rfile.peek(1))  # type: ignore[attr-defined]
+        except (BlockingIOError, OSError):
+            return False
+        finally:
+            sock.settimeout(self.timeout)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.client_address[0], *args)
