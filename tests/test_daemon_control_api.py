@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -358,6 +359,29 @@ def test_idle_keep_alive_connections_hold_no_thread(tmp_path: Path) -> None:
             conn.close()
         small.stop()
         release_services(served.services)
+
+
+def test_servers_release_their_sockets_started_or_not(served: Served) -> None:
+    """A server that fails to bind, or is closed without having run, leaks no descriptor."""
+    import socket
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    for _ in range(20):
+        ControlServer("127.0.0.1", 0, served.api, served.token).server_close()
+        with pytest.raises(OSError):
+            ControlServer("127.0.0.1", served.server.port, served.api, served.token)
+        started = ControlServer("127.0.0.1", 0, served.api, served.token)
+        started.start()
+        with socket.create_connection(("127.0.0.1", started.port), timeout=10):
+            pass
+        started.stop()
+    deadline = time.monotonic() + 10  # the idle watchers exit within their 1 s tick
+    while open_fds() > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert open_fds() <= before
 
 
 def test_pipelined_requests_are_all_answered(served: Served) -> None:

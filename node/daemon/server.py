@@ -15,7 +15,6 @@ defeats DNS-rebinding pages in a browser. No CORS headers are ever sent.
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import http.server
 import inspect
@@ -23,10 +22,8 @@ import json
 import logging
 import re
 import select
-import selectors
 import socket
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -34,6 +31,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from node import errors
+from node.daemon._idle import IdleConnections
 from node.daemon.api import NodeAPI
 
 log = logging.getLogger("dsi.control")
@@ -178,33 +176,33 @@ class ControlServer(http.server.HTTPServer):
     per-thread SQLite connections, so long-lived threads reuse them instead of opening one
     per request, and a flood of connections cannot create unbounded threads. A thread serves
     one request, not a connection: between requests a keep-alive connection is parked with the
-    idle watcher (a selector), so idle clients hold no thread and cannot starve the pool; it is
+    idle watcher (``_idle``), so idle clients hold no thread and cannot starve the pool; it is
     closed after ``idle_timeout`` seconds without a request.
     """
 
     allow_reuse_address = True
 
     def __init__(self, host: str, port: int, api: NodeAPI, token: str,
-                 max_threads: int = 64, max_idle: int = 1024,
+                 max_threads: int = 64, max_parked: int = 256,
                  idle_timeout: float = 15.0) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.api = api
         self.token = token
         self.openapi = load_openapi()
         self._pool = ThreadPoolExecutor(max_threads, thread_name_prefix="dsi-control")
-        self._max_idle = max_idle
-        self.idle_timeout = idle_timeout
-        self._idle = selectors.DefaultSelector()
-        self._idle_since: dict[socket.socket, float] = {}
-        self._idle_lock = threading.Lock()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._idle.register(self._wake_r, selectors.EVENT_READ, None)
+        self._idle = IdleConnections(self._resume, self.shutdown_request,
+                                     timeout=idle_timeout, max_parked=max_parked)
         self._closing = False
-        super().__init__((host, port), _RequestHandler)
+        super().__init__((host, port), _RequestHandler)  # on failure it calls server_close
 
     def process_request(self, request: Any, client_address: Any) -> None:
         self._pool.submit(self._process, request, client_address)
+
+    def _resume(self, request: Any, client_address: Any) -> None:
+        try:
+            self._pool.submit(self._process, request, client_address)
+        except RuntimeError:  # the pool is shut down: the server is closing
+            self.shutdown_request(request)
 
     def _process(self, request: Any, client_address: Any) -> None:
         try:
@@ -217,79 +215,20 @@ class ControlServer(http.server.HTTPServer):
                 # A client that sends its next request at once (a worker's claim after a
                 # complete) is served by this thread; a quiet one is parked.
                 if not waiting.poll(_LINGER_MS):
-                    self._park(request, client_address)
+                    self._idle.park(request, client_address)
                     return
         except Exception:
             self.handle_error(request, client_address)
         self.shutdown_request(request)
-
-    def _park(self, request: socket.socket, client_address: Any) -> None:
-        with self._idle_lock:
-            if self._closing or len(self._idle_since) >= self._max_idle:
-                self.shutdown_request(request)
-                return
-            self._idle_since[request] = time.monotonic()
-            self._idle.register(request, selectors.EVENT_READ, client_address)
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")  # portable: not every selector sees new fds mid-select
-
-    def _watch_idle(self) -> None:
-        """Hand parked connections back to the pool when a request arrives; close stale ones."""
-        while not self._closing:
-            ready = self._idle.select(timeout=1.0)
-            resumed = []
-            with self._idle_lock:
-                for key, _ in ready:
-                    if key.fileobj is self._wake_r:
-                        while True:
-                            try:
-                                if not self._wake_r.recv(4096):
-                                    break
-                            except BlockingIOError:
-                                break
-                        continue
-                    sock = key.fileobj
-                    self._idle.unregister(sock)
-                    del self._idle_since[sock]  # type: ignore[arg-type]
-                    resumed.append((sock, key.data))
-                now = time.monotonic()
-                stale = [s for s, t in self._idle_since.items() if now - t > self.idle_timeout]
-                for sock in stale:
-                    self._idle.unregister(sock)
-                    del self._idle_since[sock]
-            for sock, address in resumed:
-                # Readable: a request, or the client closed (the handler then sees EOF).
-                try:
-                    self._pool.submit(self._process, sock, address)
-                except RuntimeError:  # the pool is shut down: the server is closing
-                    self.shutdown_request(sock)
-            for sock in stale:
-                self.shutdown_request(sock)
-        with self._idle_lock:
-            self._close_parked()
-            self._idle.close()
-            self._wake_r.close()
-            self._wake_w.close()
-
-    def _close_parked(self) -> None:
-        """Close every parked connection (the caller holds ``_idle_lock``)."""
-        for sock in list(self._idle_since):
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self._idle.unregister(sock)
-            self.shutdown_request(sock)
-        self._idle_since.clear()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("control API connection from %s failed", client_address, exc_info=True)
 
     def server_close(self) -> None:
         self._closing = True
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
         super().server_close()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        with self._idle_lock:
-            self._close_parked()
+        self._idle.close()
 
     @property
     def port(self) -> int:
@@ -301,7 +240,7 @@ class ControlServer(http.server.HTTPServer):
         return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     def start(self) -> threading.Thread:
-        threading.Thread(target=self._watch_idle, name="dsi-control-idle", daemon=True).start()
+        threading.Thread(target=self._idle.run, name="dsi-control-idle", daemon=True).start()
         thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
                                   name="dsi-control-api", daemon=True)
         thread.start()
