@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import base58
@@ -61,11 +62,11 @@ class Identity:
     def _key(self) -> Ed25519PrivateKey:
         return Ed25519PrivateKey.from_private_bytes(self.seed)
 
-    @property
+    @cached_property  # derived once: the daemon names its peer id in every grant
     def public_key(self) -> bytes:
         return self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
-    @property
+    @cached_property
     def peer_id(self) -> str:
         return peer_id_from_public_key(self.public_key)
 

@@ -15,6 +15,7 @@ defeats DNS-rebinding pages in a browser. No CORS headers are ever sent.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import http.server
 import inspect
@@ -93,7 +94,7 @@ Handler = Callable[[NodeAPI, dict[str, str], dict[str, str], dict[str, Any]], An
 
 def _kw(fn: Callable[..., Any], *sources: dict[str, Any]) -> dict[str, Any]:
     """Merge request values into keyword arguments, refusing names ``fn`` does not take."""
-    params = inspect.signature(fn).parameters
+    params = _parameters(getattr(fn, "__func__", fn))
     merged: dict[str, Any] = {}
     for src in sources:
         merged.update(src)
@@ -103,6 +104,12 @@ def _kw(fn: Callable[..., Any], *sources: dict[str, Any]) -> dict[str, Any]:
             f"unknown field(s) {', '.join(unknown)}; accepted: {', '.join(params)}"
         )
     return merged
+
+
+@functools.cache
+def _parameters(fn: Callable[..., Any]) -> tuple[str, ...]:
+    """Keyword names of an API method (``self`` left out), read once per method."""
+    return tuple(p for p in inspect.signature(fn).parameters if p != "self")
 
 
 def _call(name: str) -> Handler:
