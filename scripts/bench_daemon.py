@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -47,7 +48,8 @@ def cpu_seconds(pid: int) -> float:
 
 def health_rates(client: ControlClient, n: int, rounds: int) -> tuple[float, float]:
     headers = {"Authorization": f"Bearer {client.token}"}
-    host, port = client._host, client._port
+    url = urlsplit(client.url)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
     fresh, kept = [], []
     for _ in range(rounds):
         t0 = time.perf_counter()

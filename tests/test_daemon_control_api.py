@@ -308,7 +308,6 @@ def test_keep_alive_clients_get_answers_without_a_delayed_ack_stall(served: Serv
     request. With Nagle's algorithm on the server socket each answer waited for the client's
     delayed ACK (~40 ms): 50 requests took >= 2 s. The bound here is far above a working
     server's time (~50 ms) and below the stall's floor."""
-    import time
 
     conn = http.client.HTTPConnection("127.0.0.1", served.server.port, timeout=30)
     try:
@@ -327,7 +326,6 @@ def test_keep_alive_clients_get_answers_without_a_delayed_ack_stall(served: Serv
 def test_idle_keep_alive_connections_hold_no_thread(tmp_path: Path) -> None:
     """More idle keep-alive clients than the pool has threads: a new client is still served
     at once, each parked client can send again, and an idle one is closed after the timeout."""
-    import time
 
     served = Served(tmp_path)
     served.server.stop()  # a server with a 4-thread pool and a 1 s idle timeout instead

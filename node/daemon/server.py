@@ -262,8 +262,9 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     server: ControlServer
     protocol_version = "HTTP/1.1"
     server_version = "dsi-node"
-    # An idle keep-alive connection gives its pool thread back after this many seconds
-    # (long-poll claims wait server-side, they are not idle).
+    # Socket timeout while a request is being read or answered: a client that stalls mid-request
+    # gives its pool thread back after this many seconds. (Between requests a connection holds
+    # no thread: see ControlServer's idle_timeout.)
     timeout = 15
     # Headers and body leave in two writes; with Nagle on, the second waits for the client's
     # delayed ACK, and a keep-alive client (Go's http.Client, requests.Session) got 23 requests
